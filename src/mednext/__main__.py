@@ -1,0 +1,5 @@
+import sys
+
+from mednext.cli import main
+
+sys.exit(main())

@@ -1,0 +1,600 @@
+"""MedNeXt: blocks, the network, and the S/B/M/L presets, in reading order.
+
+Roy et al., "MedNeXt: Transformer-driven Scaling of ConvNets for Medical Image
+Segmentation", MICCAI 2023. Module and parameter names follow the reference
+implementation (``stem``, ``enc_block_{i}``, ``down_{i}``, ``bottleneck``,
+``up_{i}``, ``dec_block_{i}``, ``out_{i}.conv_out``) so that reference state
+dicts load without renaming.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    "ChannelsFirstLayerNorm",
+    "GlobalResponseNorm",
+    "MedNeXt",
+    "MedNeXtBlock",
+    "MedNeXtDownBlock",
+    "MedNeXtOutBlock",
+    "MedNeXtUpBlock",
+    "PRESETS",
+    "create_mednext",
+    "global_response_norm",
+]
+
+IntOrTuple = int | Sequence[int]
+
+_CONV = {2: nn.Conv2d, 3: nn.Conv3d}
+_CONV_T = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+
+
+def _as_tuple(value: IntOrTuple, spatial_dims: int, name: str) -> tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * spatial_dims
+    value = tuple(int(v) for v in value)
+    if len(value) != spatial_dims:
+        raise ValueError(f"{name}={value} has {len(value)} entries; give one int or {spatial_dims} (one per axis)")
+    return value
+
+
+# ----------------------------------------------------------------------------- normalisation
+
+
+class ChannelsFirstLayerNorm(nn.Module):
+    """LayerNorm over the channel axis of an (N, C, *spatial) tensor, for any number of spatial axes.
+
+    Args:
+        num_channels: size of the channel axis.
+        eps: added to the variance (the reference uses 1e-5).
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # layer_norm normalises trailing axes, so move C last and back; works for 1D, 2D and 3D alike.
+        y = F.layer_norm(x.movedim(1, -1), (x.shape[1],), self.weight, self.bias, self.eps)
+        return y.movedim(-1, 1)
+
+
+def global_response_norm(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """ConvNeXt-V2 GRN on (N, C, *spatial): gamma * (x * nx) + beta + x."""
+    spatial = tuple(range(2, x.ndim))
+    gx = torch.linalg.vector_norm(x, ord=2, dim=spatial, keepdim=True)
+    nx = gx / (gx.mean(dim=1, keepdim=True) + 1e-6)
+    return gamma * (x * nx) + beta + x
+
+
+class GlobalResponseNorm(nn.Module):
+    """Global response normalisation as a standalone module (a fresh one is the identity).
+
+    Args:
+        num_channels: size of the channel axis.
+        spatial_dims: 2 or 3.
+    """
+
+    def __init__(self, num_channels: int, spatial_dims: int = 3) -> None:
+        super().__init__()
+        shape = (1, num_channels) + (1,) * spatial_dims
+        self.gamma = nn.Parameter(torch.zeros(shape))
+        self.beta = nn.Parameter(torch.zeros(shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return global_response_norm(x, self.gamma, self.beta)
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+class MedNeXtBlock(nn.Module):
+    """Depthwise conv -> norm -> 1x1 expand -> GELU [-> GRN] -> 1x1 compress [+ input].
+
+    Args:
+        in_channels: input width; the depthwise conv and the norm act on it.
+        out_channels: output width of the compression conv.
+        expansion: ratio R of the inverted bottleneck (R * in_channels hidden features).
+        kernel_size: depthwise kernel, int or one odd size per axis.
+        spatial_dims: 2 or 3.
+        residual: add the input to the output (needs in_channels == out_channels).
+        norm: "group" (one group per channel, the paper's) or "layer" (channels-first LayerNorm).
+        grn: apply global response normalisation to the expanded features.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        expansion: int = 4,
+        kernel_size: IntOrTuple = 3,
+        spatial_dims: int = 3,
+        residual: bool = True,
+        norm: str = "group",
+        grn: bool = False,
+    ) -> None:
+        super().__init__()
+        kernel = _as_tuple(kernel_size, spatial_dims, "kernel_size")
+        conv = _CONV[spatial_dims]
+        self.residual = residual
+        self.conv1 = self._depthwise(in_channels, kernel, spatial_dims)
+        if norm == "group":
+            self.norm: nn.Module = nn.GroupNorm(num_groups=in_channels, num_channels=in_channels)
+        elif norm == "layer":
+            self.norm = ChannelsFirstLayerNorm(in_channels)
+        else:
+            raise ValueError(f"norm={norm!r} is not supported; use 'group' or 'layer'")
+        hidden = expansion * in_channels
+        self.conv2 = conv(in_channels, hidden, kernel_size=1)
+        self.act = nn.GELU()
+        self.grn = grn
+        if grn:
+            shape = (1, hidden) + (1,) * spatial_dims
+            self.grn_gamma = nn.Parameter(torch.zeros(shape))
+            self.grn_beta = nn.Parameter(torch.zeros(shape))
+        self.conv3 = conv(hidden, out_channels, kernel_size=1)
+
+    @staticmethod
+    def _depthwise(channels: int, kernel: tuple[int, ...], spatial_dims: int) -> nn.Module:
+        padding = tuple(k // 2 for k in kernel)
+        return _CONV[spatial_dims](channels, channels, kernel, stride=1, padding=padding, groups=channels)
+
+    def _branch(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.conv2(self.norm(self.conv1(x))))
+        if self.grn:
+            y = global_response_norm(y, self.grn_gamma, self.grn_beta)
+        return self.conv3(y)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._branch(x)
+        return x + y if self.residual else y
+
+
+class MedNeXtDownBlock(MedNeXtBlock):
+    """Strided depthwise conv block that halves (or divides by ``stride``) the resolution and
+    doubles the width, with a strided 1x1 conv on the residual path.
+
+    Args:
+        in_channels: input width.
+        out_channels: output width (2 * in_channels in the paper).
+        expansion: inverted-bottleneck ratio.
+        kernel_size: depthwise kernel, int or one odd size per axis.
+        stride: int or one stride per axis, e.g. (1, 2, 2).
+        spatial_dims: 2 or 3.
+        residual: use the 1x1 strided residual path.
+        norm: "group" or "layer".
+        grn: global response normalisation on the expanded features.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        expansion: int = 4,
+        kernel_size: IntOrTuple = 3,
+        stride: IntOrTuple = 2,
+        spatial_dims: int = 3,
+        residual: bool = True,
+        norm: str = "group",
+        grn: bool = False,
+    ) -> None:
+        super().__init__(in_channels, out_channels, expansion, kernel_size, spatial_dims, False, norm, grn)
+        kernel = _as_tuple(kernel_size, spatial_dims, "kernel_size")
+        stride_t = _as_tuple(stride, spatial_dims, "stride")
+        conv = _CONV[spatial_dims]
+        padding = tuple(k // 2 for k in kernel)
+        self.resample_residual = residual
+        if residual:
+            self.res_conv = conv(in_channels, out_channels, kernel_size=1, stride=stride_t)
+        self.conv1 = conv(in_channels, in_channels, kernel, stride=stride_t, padding=padding, groups=in_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._branch(x)
+        return y + self.res_conv(x) if self.resample_residual else y
+
+
+class MedNeXtUpBlock(MedNeXtBlock):
+    """Strided depthwise transposed-conv block that multiplies the resolution by ``stride`` and
+    halves the width, with a strided 1x1 transposed conv on the residual path.
+
+    A transposed conv with odd kernel k, padding k//2 and stride s returns (N-1)*s+1 voxels per
+    axis; like the reference (s=2: one plane), both paths get s-1 zero planes prepended so the
+    output has exactly s*N voxels, the size of the skip connection.
+
+    Args:
+        in_channels: input width.
+        out_channels: output width (in_channels / 2 in the paper).
+        expansion: inverted-bottleneck ratio.
+        kernel_size: depthwise kernel, int or one odd size per axis.
+        stride: int or one stride per axis.
+        spatial_dims: 2 or 3.
+        residual: use the 1x1 transposed residual path.
+        norm: "group" or "layer".
+        grn: global response normalisation on the expanded features.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        expansion: int = 4,
+        kernel_size: IntOrTuple = 3,
+        stride: IntOrTuple = 2,
+        spatial_dims: int = 3,
+        residual: bool = True,
+        norm: str = "group",
+        grn: bool = False,
+    ) -> None:
+        super().__init__(in_channels, out_channels, expansion, kernel_size, spatial_dims, False, norm, grn)
+        kernel = _as_tuple(kernel_size, spatial_dims, "kernel_size")
+        stride_t = _as_tuple(stride, spatial_dims, "stride")
+        conv_t = _CONV_T[spatial_dims]
+        padding = tuple(k // 2 for k in kernel)
+        self.resample_residual = residual
+        if residual:
+            self.res_conv = conv_t(in_channels, out_channels, kernel_size=1, stride=stride_t)
+        self.conv1 = conv_t(in_channels, in_channels, kernel, stride=stride_t, padding=padding, groups=in_channels)
+        # F.pad takes (front, back) pairs, last axis first.
+        self._pad = tuple(p for s in reversed(stride_t) for p in (s - 1, 0))
+        self._needs_pad = any(s > 1 for s in stride_t)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._branch(x)
+        if self.resample_residual:
+            y = y + self.res_conv(x)  # same (N-1)*s+1 grid as the main path, so pad once after adding
+        return F.pad(y, self._pad) if self._needs_pad else y
+
+
+class MedNeXtOutBlock(nn.Module):
+    """1x1 transposed-conv segmentation head (the reference's ``OutBlock``).
+
+    Args:
+        in_channels: width of the features it reads.
+        num_classes: number of output channels.
+        spatial_dims: 2 or 3.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, spatial_dims: int = 3) -> None:
+        super().__init__()
+        self.conv_out = _CONV_T[spatial_dims](in_channels, num_classes, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv_out(x)
+
+
+# ----------------------------------------------------------------------------- network
+
+
+class MedNeXt(nn.Module):
+    """MedNeXt encoder-decoder (Roy et al., MICCAI 2023) for 2D and 3D segmentation.
+
+    Per-position settings (``expansion_ratios``, ``block_counts``, ``kernel_sizes``) have
+    ``2 * n + 1`` entries for ``n = len(strides)`` stages, ordered
+    ``[enc_0, ..., enc_{n-1}, bottleneck, dec_{n-1}, ..., dec_0]`` as in the reference.
+    Encoder position i sets ``enc_block_i`` and ``down_i``; decoder position of stage i sets
+    ``up_i`` and ``dec_block_i``; the bottleneck position sets the bottleneck only.
+
+    Output: with ``deep_supervision`` on and the module in training mode, a list of
+    ``n + 1`` logits tensors, highest resolution first (full, 1/2, ..., bottleneck). In eval
+    mode, or with deep supervision off, the full-resolution logits tensor only.
+
+    Args:
+        in_channels: number of input channels (image modalities).
+        num_classes: number of output channels (classes, background included).
+        spatial_dims: 2 or 3.
+        width: channels C after the stem; stage i has C * 2**i channels.
+        strides: one down-sampling stride per stage, each an int or one per axis
+            (e.g. ``(1, 2, 2)`` for anisotropic data); their number sets the number of stages.
+        expansion_ratios: inverted-bottleneck ratio per position (int or 2n+1 ints).
+        block_counts: MedNeXt blocks per position (int or 2n+1 ints).
+        kernel_sizes: depthwise kernel per position (int, or 2n+1 entries each an int or
+            one odd size per axis). The encoder and decoder positions are set separately.
+        down_expansion_ratios: ratio of each down block. Default: the reference's, the ratio of
+            the next position (``down_i`` uses position i+1). MONAI uses position i.
+        up_expansion_ratios: ratio of each up block. Default: the ratio of the decoder stage it
+            feeds (``up_i`` uses position 2n-i), as the reference and MONAI do.
+        residual: residual connections inside MedNeXt blocks.
+        resample_residual: 1x1 residual paths in the down and up blocks.
+        norm: "group" or "layer".
+        grn: global response normalisation in every block except ``down_0`` (as the reference).
+        deep_supervision: build the extra heads ``out_1..out_n`` and return them in training.
+        grad_checkpointing: recompute each block in the backward pass instead of storing its
+            activations (non-reentrant); see :meth:`set_grad_checkpointing`.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        *,
+        spatial_dims: int = 3,
+        width: int = 32,
+        strides: Sequence[IntOrTuple] = (2, 2, 2, 2),
+        expansion_ratios: int | Sequence[int] = 2,
+        block_counts: int | Sequence[int] = 2,
+        kernel_sizes: IntOrTuple | Sequence[IntOrTuple] = 3,
+        down_expansion_ratios: Sequence[int] | None = None,
+        up_expansion_ratios: Sequence[int] | None = None,
+        residual: bool = True,
+        resample_residual: bool = True,
+        norm: str = "group",
+        grn: bool = False,
+        deep_supervision: bool = False,
+        grad_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims={spatial_dims} is not supported; use 2 or 3")
+        for name, value in (("in_channels", in_channels), ("num_classes", num_classes), ("width", width)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive int")
+        if norm not in ("group", "layer"):
+            raise ValueError(f"norm={norm!r} is not supported; use 'group' or 'layer'")
+        if isinstance(strides, int) or len(strides) < 1:
+            raise ValueError(f"strides={strides!r} must be a sequence with one stride per stage, e.g. (2, 2, 2, 2)")
+        n = len(strides)
+        positions = 2 * n + 1
+        stride_list = [_as_tuple(s, spatial_dims, f"strides[{i}]") for i, s in enumerate(strides)]
+        for i, s in enumerate(stride_list):
+            if any(v < 1 for v in s):
+                raise ValueError(f"strides[{i}]={s} must be >= 1 on every axis")
+        exp = self._int_list(expansion_ratios, positions, "expansion_ratios")
+        blocks = self._int_list(block_counts, positions, "block_counts", minimum=0)
+        kernels = self._kernel_list(kernel_sizes, positions, spatial_dims)
+        down_exp = (
+            [exp[i + 1] for i in range(n)]
+            if down_expansion_ratios is None
+            else self._int_list(down_expansion_ratios, n, "down_expansion_ratios")
+        )
+        up_exp = (
+            [exp[2 * n - i] for i in range(n)]
+            if up_expansion_ratios is None
+            else self._int_list(up_expansion_ratios, n, "up_expansion_ratios")
+        )
+
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.num_stages = n
+        self.strides = stride_list
+        self.total_stride = tuple(math.prod(s[a] for s in stride_list) for a in range(spatial_dims))
+        self.widths = [width * 2**i for i in range(n + 1)]
+        self.deep_supervision = deep_supervision
+        self.grad_checkpointing = grad_checkpointing
+        # Everything needed to rebuild this module; JSON-serialisable.
+        self.config: dict[str, Any] = {
+            "in_channels": in_channels,
+            "num_classes": num_classes,
+            "spatial_dims": spatial_dims,
+            "width": width,
+            "strides": [list(s) for s in stride_list],
+            "expansion_ratios": exp,
+            "block_counts": blocks,
+            "kernel_sizes": [list(k) for k in kernels],
+            "down_expansion_ratios": down_exp,
+            "up_expansion_ratios": up_exp,
+            "residual": residual,
+            "resample_residual": resample_residual,
+            "norm": norm,
+            "grn": grn,
+            "deep_supervision": deep_supervision,
+            "grad_checkpointing": grad_checkpointing,
+        }
+
+        common = {"spatial_dims": spatial_dims, "norm": norm}
+
+        def stage(pos: int, channels: int) -> nn.Sequential:
+            return nn.Sequential(
+                *(
+                    MedNeXtBlock(channels, channels, exp[pos], kernels[pos], residual=residual, grn=grn, **common)
+                    for _ in range(blocks[pos])
+                )
+            )
+
+        conv = _CONV[spatial_dims]
+        self.stem = conv(in_channels, width, kernel_size=1)
+        for i in range(n):
+            c = self.widths[i]
+            setattr(self, f"enc_block_{i}", stage(i, c))
+            setattr(
+                self,
+                f"down_{i}",
+                MedNeXtDownBlock(
+                    c, 2 * c, down_exp[i], kernels[i], stride_list[i],
+                    residual=resample_residual, grn=grn and i > 0, **common,
+                ),
+            )  # fmt: skip
+        self.bottleneck = stage(n, self.widths[n])
+        for i in reversed(range(n)):
+            c = self.widths[i]
+            pos = 2 * n - i
+            setattr(
+                self,
+                f"up_{i}",
+                MedNeXtUpBlock(
+                    2 * c, c, up_exp[i], kernels[pos], stride_list[i],
+                    residual=resample_residual, grn=grn, **common,
+                ),
+            )  # fmt: skip
+            setattr(self, f"dec_block_{i}", stage(pos, c))
+        self.out_0 = MedNeXtOutBlock(width, num_classes, spatial_dims)
+        if deep_supervision:
+            for i in range(1, n + 1):
+                setattr(self, f"out_{i}", MedNeXtOutBlock(self.widths[i], num_classes, spatial_dims))
+
+    # -- configuration helpers
+
+    @staticmethod
+    def _int_list(value: int | Sequence[int], count: int, name: str, minimum: int = 1) -> list[int]:
+        items = [value] * count if isinstance(value, int) else list(value)
+        if len(items) != count:
+            raise ValueError(
+                f"{name} has {len(items)} entries but this network needs {count}; give one int or {count} ints"
+            )
+        for i, v in enumerate(items):
+            if not isinstance(v, int) or v < minimum:
+                raise ValueError(f"{name}[{i}]={v!r} must be an int >= {minimum}")
+        return items
+
+    @staticmethod
+    def _kernel_list(value: Any, count: int, spatial_dims: int) -> list[tuple[int, ...]]:
+        if isinstance(value, int):
+            items = [value] * count
+        else:
+            items = list(value)
+            if len(items) != count:
+                raise ValueError(
+                    f"kernel_sizes has {len(items)} entries but this network needs {count} "
+                    f"(one per position); give one int or {count} entries"
+                )
+        kernels = [_as_tuple(k, spatial_dims, f"kernel_sizes[{i}]") for i, k in enumerate(items)]
+        for i, k in enumerate(kernels):
+            if any(v < 1 or v % 2 == 0 for v in k):
+                raise ValueError(f"kernel_sizes[{i}]={k} must be odd and positive on every axis (3, 5, 7, ...)")
+        return kernels
+
+    # -- public switches
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute every block's activations in the backward pass (less memory, ~30% more time)."""
+        self.grad_checkpointing = enable
+        self.config["grad_checkpointing"] = enable
+
+    def set_deep_supervision(self, enable: bool = True) -> None:
+        """Return (training mode) or not return the low-resolution outputs; needs the heads built."""
+        if enable and not hasattr(self, "out_1"):
+            raise ValueError("this model was built with deep_supervision=False, so it has no heads out_1..out_n")
+        self.deep_supervision = enable
+
+    # -- input validation
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise a ValueError naming the problem and the fix if ``x`` cannot go through the network."""
+        d = self.spatial_dims
+        layout = "(N, C, H, W)" if d == 2 else "(N, C, D, H, W)"
+        if x.ndim != d + 2:
+            raise ValueError(
+                f"MedNeXt ({d}D) expects a {d + 2}D tensor {layout}, got {x.ndim}D with shape {tuple(x.shape)}"
+                + ("; add a batch axis with x[None]" if x.ndim == d + 1 else "")
+            )
+        if x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"MedNeXt expects {self.in_channels} input channel(s) on axis 1, got {x.shape[1]} "
+                f"(input shape {tuple(x.shape)}); pass {self.in_channels} channel(s) or build the model "
+                f"with in_channels={x.shape[1]}"
+            )
+        bad = []
+        for axis, (size, div) in enumerate(zip(x.shape[2:], self.total_stride)):
+            if size % div:
+                lower, upper = (size // div) * div, (size // div + 1) * div
+                nearest = " or ".join(str(v) for v in (lower, upper) if v > 0)
+                bad.append(f"axis {axis} has {size}, needs a multiple of {div} (nearest: {nearest})")
+        if bad:
+            raise ValueError(
+                f"spatial size {tuple(x.shape[2:])} is not divisible by the network's total stride "
+                f"{self.total_stride}: " + "; ".join(bad) + ". Pad or crop the input."
+            )
+
+    # -- forward
+
+    def _run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(module, x, use_reentrant=False)
+        return module(x)
+
+    def _run_stage(self, stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        for block in stage:
+            x = self._run(block, x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        if not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()):
+            self.check_input(x)
+        n = self.num_stages
+        x = self.stem(x)
+        skips = []
+        for i in range(n):
+            x = self._run_stage(getattr(self, f"enc_block_{i}"), x)
+            skips.append(x)
+            x = self._run(getattr(self, f"down_{i}"), x)
+        x = self._run_stage(self.bottleneck, x)
+        with_ds = self.deep_supervision and self.training
+        low_res = [getattr(self, f"out_{n}")(x)] if with_ds else []
+        for i in reversed(range(n)):
+            x = self._run(getattr(self, f"up_{i}"), x) + skips[i]
+            x = self._run_stage(getattr(self, f"dec_block_{i}"), x)
+            if with_ds and i > 0:
+                low_res.append(getattr(self, f"out_{i}")(x))
+        out = self.out_0(x)
+        if with_ds:
+            return [out, *reversed(low_res)]
+        return out
+
+
+# ----------------------------------------------------------------------------- presets
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "S": {"expansion_ratios": 2, "block_counts": 2, "grad_checkpointing": False},
+    "B": {
+        "expansion_ratios": [2, 3, 4, 4, 4, 4, 4, 3, 2],
+        "block_counts": 2,
+        "grad_checkpointing": False,
+    },
+    "M": {
+        "expansion_ratios": [2, 3, 4, 4, 4, 4, 4, 3, 2],
+        "block_counts": [3, 4, 4, 4, 4, 4, 4, 4, 3],
+        "grad_checkpointing": True,
+    },
+    "L": {
+        "expansion_ratios": [3, 4, 8, 8, 8, 8, 8, 4, 3],
+        "block_counts": [3, 4, 8, 8, 8, 8, 8, 4, 3],
+        "grad_checkpointing": True,
+    },
+}
+
+
+def create_mednext(
+    preset: str,
+    in_channels: int,
+    num_classes: int,
+    *,
+    kernel_size: int = 3,
+    spatial_dims: int = 3,
+    deep_supervision: bool = False,
+    **overrides: Any,
+) -> MedNeXt:
+    """Build one of the paper's presets S, B, M or L (C=32, 4 stages, group norm, no GRN).
+
+    Args:
+        preset: "S", "B", "M" or "L" (case-insensitive).
+        in_channels: number of input channels.
+        num_classes: number of output channels.
+        kernel_size: odd depthwise kernel size for every block (3 and 5 in the paper).
+        spatial_dims: 2 or 3.
+        deep_supervision: build and return the four extra heads in training mode.
+        **overrides: any other :class:`MedNeXt` argument, e.g. ``strides`` or ``grad_checkpointing``.
+    """
+    key = str(preset).upper()
+    if key not in PRESETS:
+        raise ValueError(f"unknown MedNeXt preset {preset!r}; valid presets are {', '.join(PRESETS)}")
+    if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size={kernel_size!r} must be an odd positive int (3, 5, 7, ...)")
+    args: dict[str, Any] = {
+        "spatial_dims": spatial_dims,
+        "width": 32,
+        "kernel_sizes": kernel_size,
+        "deep_supervision": deep_supervision,
+        **PRESETS[key],
+    }
+    args.update(overrides)
+    return MedNeXt(in_channels, num_classes, **args)
