@@ -13,6 +13,7 @@ from pathlib import Path
 
 DEFAULT_WORKDIR = Path("mednext_work")
 _ENV = {"raw": "nnUNet_raw", "preprocessed": "nnUNet_preprocessed", "results": "nnUNet_results"}
+_SET_HERE: dict[str, str] = {}  # variables this module set, so a later call may move them
 
 
 @dataclass(frozen=True)
@@ -29,8 +30,9 @@ def use_workdir(workdir: str | os.PathLike | None = None) -> WorkDirs:
     folders = {}
     for key, var in _ENV.items():
         value = os.environ.get(var)
-        path = Path(value) if value else (root / var).absolute()
+        user_set = bool(value) and _SET_HERE.get(var) != value
+        path = Path(value) if user_set else (root / var).absolute()
         path.mkdir(parents=True, exist_ok=True)
-        os.environ[var] = str(path)
+        os.environ[var] = _SET_HERE[var] = str(path)
         folders[key] = path
     return WorkDirs(**folders)
