@@ -33,6 +33,7 @@ def use_workdir(workdir: str | os.PathLike | None = None) -> WorkDirs:
         user_set = bool(value) and _SET_HERE.get(var) != value
         path = Path(value) if user_set else (root / var).absolute()
         path.mkdir(parents=True, exist_ok=True)
-        os.environ[var] = _SET_HERE[var] = str(path)
+        if not user_set:
+            os.environ[var] = _SET_HERE[var] = str(path)
         folders[key] = path
     return WorkDirs(**folders)
