@@ -448,8 +448,9 @@ class MedNeXt(nn.Module):
 
     @staticmethod
     def _kernel_list(value: Any, count: int, spatial_dims: int) -> list[tuple[int, ...]]:
-        if isinstance(value, int):
-            items = [value] * count
+        flat_ints = not isinstance(value, int) and all(isinstance(v, int) for v in value)
+        if isinstance(value, int) or (flat_ints and len(value) == spatial_dims != count):
+            items = [value] * count  # one kernel (int or per-axis tuple) for every position
         else:
             items = list(value)
             if len(items) != count:
@@ -503,6 +504,12 @@ class MedNeXt(nn.Module):
             raise ValueError(
                 f"spatial size {tuple(x.shape[2:])} is not divisible by the network's total stride "
                 f"{self.total_stride}: " + "; ".join(bad) + ". Pad or crop the input."
+            )
+        if self.config["norm"] == "group" and math.prod(x.shape[2:]) == math.prod(self.total_stride):
+            # One GroupNorm group per channel over a single voxel has no variance to normalise.
+            raise ValueError(
+                f"spatial size {tuple(x.shape[2:])} leaves one voxel at the bottleneck, where group norm is "
+                f"undefined; use at least twice the total stride {self.total_stride} along one axis"
             )
 
     # -- forward
