@@ -12,6 +12,8 @@ from mednext.nn.mednext import (
     create_mednext,
     global_response_norm,
 )
+from mednext.nn.upkern import upkern
+from mednext.nn.weights import load_pretrained, transfer_weights
 
 __all__ = [
     "PRESETS",
@@ -24,4 +26,7 @@ __all__ = [
     "MedNeXtUpBlock",
     "create_mednext",
     "global_response_norm",
+    "load_pretrained",
+    "transfer_weights",
+    "upkern",
 ]

@@ -1,0 +1,149 @@
+"""Export a MedNeXt to ONNX or TorchScript with dynamic batch and spatial axes.
+
+Both exports run the network in eval mode (one full-resolution output, no deep-supervision
+heads). Spatial sizes must be multiples of the network's total stride (16 per axis for the
+paper's 4 stages); the exported graphs do not check this, so pad the input as the PyTorch
+model would require. The model's config travels with the file: ONNX metadata property
+``mednext_config``, TorchScript extra file ``mednext_config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["FORMATS", "example_input", "export_model", "export_onnx", "export_torchscript", "run_exported"]
+
+FORMATS = ("onnx", "torchscript")
+
+
+def example_input(model: nn.Module, spatial: Sequence[int] | None = None, batch: int = 1) -> torch.Tensor:
+    """A random input the model accepts: by default twice its total stride along every axis."""
+    stride = tuple(model.total_stride)  # type: ignore[attr-defined]
+    size = tuple(spatial) if spatial is not None else tuple(2 * s for s in stride)
+    param = next(model.parameters())
+    return torch.randn(batch, model.in_channels, *size, device=param.device, dtype=param.dtype)  # type: ignore[attr-defined]
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        with warnings.catch_warnings():
+            # Tracing notes GroupNorm's batch check, and torch flags the TorchScript-based exporters
+            # as legacy; neither affects the result, which the tests compare against PyTorch.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", message=r".*(legacy TorchScript|torch\.jit|will be removed).*")
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _temp_beside(path: Path) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    return tmp
+
+
+def _axis_names(spatial_dims: int) -> list[str]:
+    return ["depth", "height", "width"][3 - spatial_dims :]
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike[str], *, opset: int = 17) -> Path:
+    """Write ``model`` as an ONNX file with input ``image`` and output ``logits``, both with
+    dynamic batch and spatial axes. Written atomically (temporary file, then moved into place)."""
+    try:
+        import onnx
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("ONNX export needs the 'onnx' package: pip install onnx onnxruntime") from err
+    out = Path(path)
+    dims = model.spatial_dims  # type: ignore[attr-defined]
+    axes = {0: "batch", **{2 + i: name for i, name in enumerate(_axis_names(dims))}}
+    tmp = _temp_beside(out)
+    try:
+        with _eval_mode(model), torch.no_grad():
+            torch.onnx.export(
+                model,
+                (example_input(model),),
+                tmp,
+                dynamo=False,  # the torch.export-based exporter needs onnxscript; the traced graph is exact here
+                input_names=["image"],
+                output_names=["logits"],
+                dynamic_axes={"image": axes, "logits": axes},
+                opset_version=opset,
+            )
+        proto = onnx.load(tmp)
+        for key, value in _metadata(model).items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.checker.check_model(proto)
+        onnx.save(proto, tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
+
+
+def export_torchscript(model: nn.Module, path: str | os.PathLike[str]) -> Path:
+    """Write ``model`` as a traced TorchScript file (``torch.jit.load`` runs it without mednext).
+
+    The traced graph has no shape-dependent branches, so it accepts any batch size and any
+    spatial size that is a multiple of the total stride. Written atomically."""
+    out = Path(path)
+    tmp = _temp_beside(out)
+    try:
+        with _eval_mode(model), torch.no_grad():
+            traced = torch.jit.trace(model, (example_input(model),), check_trace=False)
+            extra = {"mednext_config.json": _metadata(model)["mednext_config"]}
+            torch.jit.save(traced, tmp, _extra_files=extra)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
+
+
+def _metadata(model: nn.Module) -> dict[str, str]:
+    config = getattr(model, "config", None)
+    if not isinstance(config, dict):
+        raise TypeError(f"export needs a mednext MedNeXt model, got {type(model).__name__}")
+    return {
+        "mednext_config": json.dumps(config, sort_keys=True),
+        "total_stride": json.dumps(list(model.total_stride)),  # type: ignore[attr-defined]
+    }
+
+
+def export_model(model: nn.Module, path: str | os.PathLike[str], fmt: str, **kwargs: Any) -> Path:
+    """Export to ``fmt`` (``"onnx"`` or ``"torchscript"``); see :func:`export_onnx` / :func:`export_torchscript`."""
+    if fmt == "onnx":
+        return export_onnx(model, path, **kwargs)
+    if fmt == "torchscript":
+        return export_torchscript(model, path, **kwargs)
+    raise ValueError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
+
+
+def run_exported(path: str | os.PathLike[str], fmt: str, x: torch.Tensor) -> torch.Tensor:
+    """Run an exported file on ``x`` (CPU) with onnxruntime or torch.jit; for checks and tests."""
+    if fmt == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        (y,) = session.run(["logits"], {"image": x.detach().cpu().numpy()})
+        return torch.from_numpy(y)
+    if fmt == "torchscript":
+        module = torch.jit.load(str(path), map_location="cpu")
+        with torch.no_grad():
+            return module(x.detach().cpu())
+    raise ValueError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
