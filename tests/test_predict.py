@@ -1,0 +1,373 @@
+"""`mednext predict` against fabricated results folders (nnU-Net v2 layout, fresh MedNeXt weights).
+
+The results folders follow the trainer contract: plans.json naming ``mednext.nn.MedNeXt`` with its
+arguments, dataset.json, and ``fold_{f}/checkpoint_{final,best,latest}.pth`` in nnU-Net v2's
+checkpoint format (including numpy scalars in the training log, as nnU-Net's logger writes them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("nnunetv2")
+sitk = pytest.importorskip("SimpleITK")
+
+from mednext.cli import main  # noqa: E402
+from mednext.nn import MedNeXt  # noqa: E402
+
+TRAINER = "MedNeXtTrainer_Sk3"
+PLANS = "MedNeXtPlans"
+# nnU-Net axis order (z, y, x); SimpleITK spacing is (x, y, z).
+SPACING = (2.0, 1.0, 1.0)
+PATCH = (8, 16, 16)
+ARCH = {
+    "spatial_dims": 3,
+    "width": 4,
+    "strides": [[1, 2, 2], [2, 2, 2]],
+    "expansion_ratios": 2,
+    "block_counts": 1,
+    "kernel_sizes": 3,
+    "deep_supervision": True,
+}
+
+
+def _config(patch, spacing, n_channels, arch):
+    resampling = {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None}
+    return {
+        "data_identifier": "MedNeXtPlans_test",
+        "preprocessor_name": "DefaultPreprocessor",
+        "batch_size": 2,
+        "patch_size": list(patch),
+        "median_image_size_in_voxels": [float(p) for p in patch],
+        "spacing": list(spacing),
+        "normalization_schemes": ["ZScoreNormalization"] * n_channels,
+        "use_mask_for_norm": [False] * n_channels,
+        "resampling_fn_data": "resample_data_or_seg_to_shape",
+        "resampling_fn_seg": "resample_data_or_seg_to_shape",
+        "resampling_fn_data_kwargs": resampling,
+        "resampling_fn_seg_kwargs": {**resampling, "is_seg": True, "order": 1},
+        "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+        "resampling_fn_probabilities_kwargs": {**resampling, "order": 1},
+        "architecture": {"network_class_name": "mednext.nn.MedNeXt", "arch_kwargs": arch, "_kw_requires_import": []},
+        "batch_dice": False,
+    }
+
+
+def make_results_folder(
+    results: Path,
+    dataset: str,
+    *,
+    n_channels: int = 1,
+    labels: dict | None = None,
+    file_ending: str = ".nii.gz",
+    configurations: dict | None = None,
+    trainer: str = TRAINER,
+    plans_name: str = PLANS,
+    folds: dict | None = None,
+    reader: str = "SimpleITKIO",
+) -> Path:
+    """Write a results folder; ``folds`` maps fold -> {checkpoint name: seed}. Returns the folder."""
+    labels = labels or {"background": 0, "a": 1, "b": 2}
+    configurations = configurations or {"3d_fullres": _config(PATCH, SPACING, n_channels, ARCH)}
+    folds = folds if folds is not None else {0: {"final": 0}}
+    plans = {
+        "dataset_name": dataset,
+        "plans_name": plans_name,
+        "original_median_spacing_after_transp": list(next(iter(configurations.values()))["spacing"]),
+        "original_median_shape_after_transp": [16, 16, 16],
+        "image_reader_writer": reader,
+        "transpose_forward": [0, 1, 2],
+        "transpose_backward": [0, 1, 2],
+        "configurations": configurations,
+        "experiment_planner_used": "MedNeXtPlanner",
+        "label_manager": "LabelManager",
+        "foreground_intensity_properties_per_channel": {
+            str(c): {"max": 3.0, "mean": 0.0, "median": 0.0, "min": -3.0, "percentile_00_5": -2.5,
+                     "percentile_99_5": 2.5, "std": 1.0}
+            for c in range(n_channels)
+        },
+    }  # fmt: skip
+    dataset_json = {
+        "channel_names": {str(c): f"ch{c}" for c in range(n_channels)},
+        "labels": labels,
+        "numTraining": 5,
+        "file_ending": file_ending,
+    }
+    written = []
+    for configuration, conf in configurations.items():
+        folder = results / dataset / f"{trainer}__{plans_name}__{configuration}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "plans.json").write_text(json.dumps(plans, indent=1))
+        (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=1))
+        (folder / "dataset_fingerprint.json").write_text(json.dumps({"spacings": [conf["spacing"]]}))
+        for fold, checkpoints in folds.items():
+            (folder / f"fold_{fold}").mkdir(exist_ok=True)
+            for name, seed in checkpoints.items():
+                torch.manual_seed(seed)
+                net = MedNeXt(n_channels, len(labels), **conf["architecture"]["arch_kwargs"])
+                checkpoint = {
+                    "network_weights": net.state_dict(),
+                    "optimizer_state": {"state": {}, "param_groups": [{"lr": 1e-3, "params": [0]}]},
+                    "grad_scaler_state": None,
+                    "logging": {"mean_fg_dice": [np.float64(0.5)], "ema_fg_dice": [np.float32(0.4)],
+                                "epoch_end_timestamps": [1.0]},
+                    "_best_ema": np.float64(0.4),
+                    "current_epoch": 1,
+                    "init_args": {"plans": plans, "configuration": configuration, "fold": fold,
+                                  "dataset_json": dataset_json, "device": torch.device("cpu")},
+                    "trainer_name": trainer,
+                    "inference_allowed_mirroring_axes": tuple(range(len(conf["patch_size"]))),
+                }  # fmt: skip
+                torch.save(checkpoint, folder / f"fold_{fold}" / f"checkpoint_{name}.pth")
+        written.append(folder)
+    return written[0]
+
+
+def write_image(path: Path, array: np.ndarray, spacing_xyz, origin=None, direction=None) -> sitk.Image:
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing([float(s) for s in spacing_xyz])
+    if origin is not None:
+        image.SetOrigin(origin)
+    if direction is not None:
+        image.SetDirection(direction)
+    sitk.WriteImage(image, str(path))
+    return image
+
+
+def blob_image(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    array = rng.normal(0, 1, shape).astype(np.float32)
+    array[tuple(slice(s // 4, 3 * s // 4) for s in shape)] += 3.0
+    return array + 10.0  # no zeros: nnU-Net's crop-to-nonzero keeps the whole image
+
+
+@pytest.fixture()
+def workdir(tmp_path, monkeypatch):
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.delenv(var, raising=False)
+    torch.set_num_threads(1)
+    return tmp_path / "work"
+
+
+def results_root(workdir: Path) -> Path:
+    return workdir / "nnUNet_results"
+
+
+def run_cli(*args) -> int:
+    return main(["predict", *map(str, args)])
+
+
+def test_predicts_folder_and_keeps_geometry(workdir, tmp_path):
+    make_results_folder(results_root(workdir), "Dataset951_Geo")
+    inp = tmp_path / "in"
+    inp.mkdir()
+    rotation = (0.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0)  # 90 degrees about z: not identity
+    written = {
+        "caseA": write_image(
+            inp / "caseA_0000.nii.gz", blob_image((10, 20, 24)), (1, 1, 2), (-12.5, 40.0, 7.25), rotation
+        ),
+        "caseB": write_image(inp / "caseB.nii.gz", blob_image((9, 17, 19), seed=1), (1.2, 0.9, 2.5), (3.0, -2.0, 1.0)),
+    }
+    out = tmp_path / "out"
+    assert run_cli("-i", inp, "-o", out, "--workdir", workdir, "--dataset", 951, "--device", "cpu", "--no-tta") == 0
+    for case, source in written.items():
+        pred = sitk.ReadImage(str(out / f"{case}.nii.gz"))
+        assert pred.GetSize() == source.GetSize()
+        np.testing.assert_allclose(pred.GetSpacing(), source.GetSpacing())
+        np.testing.assert_allclose(pred.GetOrigin(), source.GetOrigin())
+        np.testing.assert_allclose(pred.GetDirection(), source.GetDirection())
+        values = set(np.unique(sitk.GetArrayFromImage(pred)).tolist())
+        assert values <= {0, 1, 2}
+    assert json.loads((out / "dataset.json").read_text())["file_ending"] == ".nii.gz"
+    record = json.loads((out / "mednext_predict.json").read_text())
+    assert record["folds"] == [0] and record["tta"] is False
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+def _direct_probabilities(folder: Path, image: np.ndarray, folds, tta: bool) -> np.ndarray:
+    """Softmax of the fold-averaged (and flip-averaged) logits of the saved networks on one patch."""
+    x = (image - image.mean()) / image.std()  # nnU-Net's z-score normalisation, whole image
+    x = torch.from_numpy(x.astype(np.float32))[None, None]
+    axes = [(), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)] if tta else [()]
+    total = 0
+    for fold in folds:
+        net = MedNeXt(1, 3, **ARCH)
+        net.load_state_dict(
+            torch.load(folder / f"fold_{fold}" / "checkpoint_final.pth", weights_only=False)["network_weights"]
+        )
+        net.eval()
+        with torch.no_grad():
+            total = total + sum(torch.flip(net(torch.flip(x, a)), a) if a else net(x) for a in axes) / len(axes)
+    return torch.softmax(total / len(folds), 1)[0].numpy()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tta", [True, False])
+def test_probabilities_match_the_networks_fold_ensemble(workdir, tmp_path, tta):
+    folder = make_results_folder(
+        results_root(workdir), "Dataset952_Ens", folds={0: {"final": 1}, 1: {"final": 2}, 2: {"latest": 3}}
+    )
+    image = blob_image(PATCH, seed=3)  # one window, plan spacing: no resampling, no padding
+    path = tmp_path / "one_0000.nii.gz"
+    write_image(path, image, SPACING[::-1], (1.0, 2.0, 3.0))
+    out = tmp_path / "out"
+    args = ["-i", path, "-o", out, "--workdir", workdir, "--dataset", "Dataset952_Ens", "--save-probabilities"]
+    assert run_cli(*args, *([] if tta else ["--no-tta"])) == 0
+    record = json.loads((out / "mednext_predict.json").read_text())
+    assert record["folds"] == [0, 1]  # fold 2 has no checkpoint_final.pth
+    assert record["mirror_axes"] == [0, 1, 2]
+    probabilities = np.load(out / "one.npz")["probabilities"]
+    expected = _direct_probabilities(folder, image, [0, 1], tta)
+    assert probabilities.shape == expected.shape == (3, *PATCH)
+    # The engine accumulates Gaussian-weighted logits in float16; where the Gaussian is tiny (the
+    # patch's outermost voxels) that loses precision, so compare inside.
+    inner = (slice(None), slice(1, -1), slice(2, -2), slice(2, -2))
+    np.testing.assert_allclose(probabilities[inner], expected[inner], atol=2e-3)
+    seg = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "one.nii.gz")))
+    assert np.array_equal(seg, probabilities.argmax(0))
+    # one fold only gives a different answer: the folds were really averaged
+    assert run_cli(*args, "--fold", "0", "-o", tmp_path / "f0", *([] if tta else ["--no-tta"])) == 0
+    single = np.load(tmp_path / "f0" / "one.npz")["probabilities"]
+    np.testing.assert_allclose(single[inner], _direct_probabilities(folder, image, [0], tta)[inner], atol=2e-3)
+    assert np.abs(single - probabilities)[inner].max() > 0.01
+
+
+def _write_dicom_series(folder: Path, volume: sitk.Image) -> None:
+    folder.mkdir(parents=True)
+    uid = "1.2.826.0.1.3680043.2.1125.1.424242"
+    d = volume.GetDirection()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for i in range(volume.GetDepth()):
+        plane = volume[:, :, i]
+        tags = {
+            "0008|0060": "CT",
+            "0020|000d": uid + ".1",
+            "0020|000e": uid + ".2",
+            "0008|0018": f"{uid}.3.{i}",
+            "0020|0037": "\\".join(str(v) for v in (d[0], d[3], d[6], d[1], d[4], d[7])),
+            "0020|0032": "\\".join(str(v) for v in volume.TransformIndexToPhysicalPoint((0, 0, i))),
+            "0020|0013": str(i + 1),
+        }
+        for tag, value in tags.items():
+            plane.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"slice{i:03d}.dcm"))
+        writer.Execute(plane)
+
+
+def test_predicts_dicom_series_with_its_geometry(workdir, tmp_path):
+    make_results_folder(results_root(workdir), "Dataset953_Dicom")
+    volume = sitk.GetImageFromArray((blob_image((7, 18, 20)) * 20).astype(np.int16))
+    volume.SetSpacing((0.9, 0.8, 2.5))
+    volume.SetOrigin((-100.0, 20.0, 35.5))
+    volume.SetDirection((1.0, 0.0, 0.0, 0.0, 0.0, -1.0, 0.0, 1.0, 0.0))
+    _write_dicom_series(tmp_path / "series1", volume)
+    out = tmp_path / "out"
+    assert run_cli("-i", tmp_path / "series1", "-o", out, "--workdir", workdir, "--dataset", 953, "--no-tta") == 0
+    pred = sitk.ReadImage(str(out / "series1.nii.gz"))
+    assert pred.GetSize() == volume.GetSize()
+    np.testing.assert_allclose(pred.GetSpacing(), volume.GetSpacing(), atol=1e-4)
+    np.testing.assert_allclose(pred.GetOrigin(), volume.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(pred.GetDirection(), volume.GetDirection(), atol=1e-6)
+
+
+def test_single_file_to_output_file_and_multichannel_folder(workdir, tmp_path):
+    make_results_folder(results_root(workdir), "Dataset954_Two", n_channels=2)
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for c in range(2):
+        write_image(inp / f"pat_{c:04d}.nii.gz", blob_image((8, 16, 16), seed=c), (1, 1, 2))
+    target = tmp_path / "seg" / "pat_seg.nii.gz"
+    assert run_cli("-i", inp / "pat_0001.nii.gz", "-o", target, "--workdir", workdir, "--dataset", 954, "--no-tta") == 0
+    assert sitk.ReadImage(str(target)).GetSize() == (16, 16, 8)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["pat_seg.nii.gz"]
+    assert run_cli("-i", inp, "-o", tmp_path / "out", "--workdir", workdir, "--dataset", 954, "--no-tta") == 0
+    assert (tmp_path / "out" / "pat.nii.gz").is_file()
+
+
+def test_2d_png_model_on_unsuffixed_files(workdir, tmp_path):
+    arch = {**ARCH, "spatial_dims": 2, "strides": [2, 2]}
+    conf = _config((32, 32), (1.0, 1.0), 1, arch)
+    make_results_folder(
+        results_root(workdir), "Dataset955_Png", file_ending=".png", configurations={"2d": conf},
+        reader="NaturalImage2DIO",
+    )  # fmt: skip
+    from skimage import io as skio
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    rng = np.random.default_rng(0)
+    for name, shape in (("slide1", (40, 48)), ("slide2", (33, 29))):
+        skio.imsave(inp / f"{name}.png", rng.integers(1, 255, shape).astype(np.uint8), check_contrast=False)
+    out = tmp_path / "out"
+    assert run_cli("-i", inp, "-o", out, "--workdir", workdir, "--dataset", 955, "--device", "cpu") == 0
+    assert skio.imread(out / "slide1.png").shape == (40, 48)
+    assert skio.imread(out / "slide2.png").shape == (33, 29)
+
+
+def _error(capsys, *args) -> str:
+    assert run_cli(*args) == 2
+    return capsys.readouterr().err
+
+
+def test_errors_name_the_problem_and_the_fix(workdir, tmp_path, capsys):
+    make_results_folder(results_root(workdir), "Dataset956_Err", n_channels=2, folds={0: {"final": 0, "latest": 0}})
+    inp = tmp_path / "in"
+    inp.mkdir()
+    write_image(inp / "x_0000.nii.gz", blob_image((8, 16, 16)), (1, 1, 2))
+    base = ["--workdir", workdir, "--dataset", 956, "-o", tmp_path / "out"]
+
+    err = _error(capsys, "-i", tmp_path / "nope", *base)
+    assert "nope does not exist" in err
+    err = _error(capsys, "-i", inp, *base)
+    assert "x_0001.nii.gz" in err and "2 channel(s)" in err
+    write_image(inp / "x_0001.nrrd", blob_image((8, 16, 16)), (1, 1, 2))
+    err = _error(capsys, "-i", inp, *base)
+    assert "x_0001.nrrd" in err and "'.nii.gz'" in err
+    (inp / "x_0001.nrrd").unlink()
+    write_image(inp / "x_0001.nii.gz", blob_image((8, 16, 16)), (1, 1, 2))
+    err = _error(capsys, "-i", inp, *base, "--fold", "3")
+    assert "fold 3 was not trained" in err and "fold_0" in err
+    err = _error(capsys, "-i", inp, *base, "--checkpoint", "best")
+    assert "checkpoint_best.pth" in err and "checkpoint_final.pth" in err and "--checkpoint" in err
+    err = _error(capsys, "-i", inp, *base[:3], 957, *base[4:])
+    assert "957" in err
+    # a surplus channel inside one file (4D image with 3 volumes as channel 0)
+    four_d = sitk.GetImageFromArray(np.stack([blob_image((8, 16, 16))] * 3), isVector=False)
+    sitk.WriteImage(four_d, str(inp / "x_0000.nii.gz"))
+    err = _error(capsys, "-i", inp, *base)
+    assert "channel" in err and "x_0000.nii.gz" in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_several_trained_models_need_a_choice(workdir, tmp_path, capsys):
+    make_results_folder(results_root(workdir), "Dataset958_Many")
+    make_results_folder(results_root(workdir), "Dataset958_Many", trainer="MedNeXtTrainer_Bk5")
+    path = tmp_path / "c.nii.gz"
+    write_image(path, blob_image((8, 16, 16)), (1, 1, 2))
+    base = ["-i", path, "-o", tmp_path / "out", "--workdir", workdir, "--dataset", 958, "--no-tta"]
+    err = _error(capsys, *base)
+    assert "MedNeXtTrainer_Sk3__MedNeXtPlans__3d_fullres" in err and "MedNeXtTrainer_Bk5" in err
+    assert "--model" in err
+    err = _error(capsys, *base, "--model", "L")
+    assert "no trained MedNeXt model" in err and "--model L" in err
+    assert run_cli(*base, "--model", "b", "--kernel", "5") == 0
+    assert "MedNeXtTrainer_Bk5" in json.loads((tmp_path / "out" / "mednext_predict.json").read_text())["results_folder"]
+
+
+def test_checkpoint_with_unsafe_objects_is_refused(workdir, tmp_path, capsys):
+    folder = make_results_folder(results_root(workdir), "Dataset959_Unsafe")
+    checkpoint = folder / "fold_0" / "checkpoint_final.pth"
+    content = torch.load(checkpoint, weights_only=False)
+    content["init_args"]["namespace"] = argparse.Namespace(a=1)
+    torch.save(content, checkpoint)
+    path = tmp_path / "c.nii.gz"
+    write_image(path, blob_image((8, 16, 16)), (1, 1, 2))
+    err = _error(capsys, "-i", path, "-o", tmp_path / "out", "--workdir", workdir, "--dataset", 959)
+    assert "weights_only=True" in err and "checkpoint_final.pth" in err
