@@ -371,3 +371,56 @@ def test_checkpoint_with_unsafe_objects_is_refused(workdir, tmp_path, capsys):
     write_image(path, blob_image((8, 16, 16)), (1, 1, 2))
     err = _error(capsys, "-i", path, "-o", tmp_path / "out", "--workdir", workdir, "--dataset", 959)
     assert "weights_only=True" in err and "checkpoint_final.pth" in err
+
+
+@pytest.mark.slow
+def test_real_plans_predict_then_evaluate(workdir, tmp_path, capsys):
+    """Plans from mednext's own planner (not hand-written), a fresh S k3 network, predict, evaluate."""
+    from mednext.pipeline.datasets import register_dataset
+    from mednext.pipeline.planning import MedNeXtPlanner
+    from mednext.pipeline.workdir import use_workdir
+    from synthetic_data import make_dataset
+
+    folders = use_workdir(workdir)
+    raw = make_dataset(tmp_path / "raw", 961, "Real", spatial_dims=3, num_cases=2, shape=(16, 32, 32))
+    name = register_dataset(raw)
+    # The fingerprint by hand (the engine's extractor spawns worker processes: slow on a small CI box).
+    images = [sitk.GetArrayFromImage(sitk.ReadImage(str(p))) for p in sorted((raw / "imagesTr").iterdir())]
+    labels = [sitk.GetArrayFromImage(sitk.ReadImage(str(p))) for p in sorted((raw / "labelsTr").iterdir())]
+    foreground = np.concatenate([i[lab > 0] for i, lab in zip(images, labels)])
+    stats = {"mean": float(foreground.mean()), "median": float(np.median(foreground)), "std": float(foreground.std()),
+             "min": float(foreground.min()), "max": float(foreground.max()),
+             "percentile_99_5": float(np.percentile(foreground, 99.5)),
+             "percentile_00_5": float(np.percentile(foreground, 0.5))}  # fmt: skip
+    fingerprint = {
+        "foreground_intensity_properties_per_channel": {"0": stats},
+        "median_relative_size_after_cropping": 1.0,
+        "shapes_after_crop": [list(i.shape) for i in images],
+        "spacings": [[2.0, 1.0, 1.0] for _ in images],
+    }
+    (folders.preprocessed / name).mkdir(parents=True, exist_ok=True)
+    (folders.preprocessed / name / "dataset_fingerprint.json").write_text(json.dumps(fingerprint))
+    plans = MedNeXtPlanner(name, gpu_memory_target_in_gb=8.0).plan_experiment()
+    model_folder = folders.results / name / "MedNeXtTrainer_Sk3__MedNeXtPlans__3d_fullres"
+    (model_folder / "fold_0").mkdir(parents=True)
+    (model_folder / "dataset.json").write_bytes((raw / "dataset.json").read_bytes())
+    (model_folder / "dataset_fingerprint.json").write_text(json.dumps(fingerprint))
+    (model_folder / "plans.json").write_bytes((folders.preprocessed / name / "MedNeXtPlans.json").read_bytes())
+    arch = plans["configurations"]["3d_fullres"]["architecture"]
+    assert arch["network_class_name"] == "mednext.nn.MedNeXt"
+    net = MedNeXt(1, 3, **arch["arch_kwargs"])
+    torch.save(
+        {"network_weights": net.state_dict(), "trainer_name": "MedNeXtTrainer_Sk3",
+         "inference_allowed_mirroring_axes": (0, 1, 2), "init_args": {"configuration": "3d_fullres"}},
+        model_folder / "fold_0" / "checkpoint_final.pth",
+    )  # fmt: skip
+    out = tmp_path / "pred"
+    code = run_cli(
+        "-i", raw / "imagesTr", "-o", out, "--workdir", workdir, "--dataset", 961, "--no-tta", "--device", "cpu"
+    )
+    assert code == 0
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["case_000.nii.gz", "case_001.nii.gz"]
+    assert main(["evaluate", str(out), str(raw / "labelsTr")]) == 0
+    result = json.loads((out / "evaluation.json").read_text())
+    assert list(result["labels"]) == ["ball", "box"]  # from the dataset.json predict wrote
+    assert [c["case"] for c in result["cases"]] == ["case_000", "case_001"]
