@@ -217,7 +217,8 @@ def test_probabilities_match_the_networks_fold_ensemble(workdir, tmp_path, tta):
     path = tmp_path / "one_0000.nii.gz"
     write_image(path, image, SPACING[::-1], (1.0, 2.0, 3.0))
     out = tmp_path / "out"
-    args = ["-i", path, "-o", out, "--workdir", workdir, "--dataset", "Dataset952_Ens", "--save-probabilities"]
+    args = ["-i", path, "-o", out, "--workdir", workdir, "--dataset", "Dataset952_Ens", "--save-probabilities",
+            "--device", "cpu"]  # fmt: skip
     assert run_cli(*args, *([] if tta else ["--no-tta"])) == 0
     record = json.loads((out / "mednext_predict.json").read_text())
     assert record["folds"] == [0, 1]  # fold 2 has no checkpoint_final.pth
@@ -291,7 +292,7 @@ def test_single_file_to_output_file_and_multichannel_folder(workdir, tmp_path):
     assert (tmp_path / "out" / "pat.nii.gz").is_file()
 
 
-def test_2d_png_model_on_unsuffixed_files(workdir, tmp_path):
+def test_2d_png_model_on_unsuffixed_files(workdir, tmp_path, capsys):
     arch = {**ARCH, "spatial_dims": 2, "strides": [2, 2]}
     conf = _config((32, 32), (1.0, 1.0), 1, arch)
     make_results_folder(
@@ -306,6 +307,8 @@ def test_2d_png_model_on_unsuffixed_files(workdir, tmp_path):
     for name, shape in (("slide1", (40, 48)), ("slide2", (33, 29))):
         skio.imsave(inp / f"{name}.png", rng.integers(1, 255, shape).astype(np.uint8), check_contrast=False)
     out = tmp_path / "out"
+    assert run_cli("-i", inp, "-o", inp, "--workdir", workdir, "--dataset", 955) == 2
+    assert "overwrite its input" in capsys.readouterr().err
     assert run_cli("-i", inp, "-o", out, "--workdir", workdir, "--dataset", 955, "--device", "cpu") == 0
     assert skio.imread(out / "slide1.png").shape == (40, 48)
     assert skio.imread(out / "slide2.png").shape == (33, 29)
@@ -424,3 +427,17 @@ def test_real_plans_predict_then_evaluate(workdir, tmp_path, capsys):
     result = json.loads((out / "evaluation.json").read_text())
     assert list(result["labels"]) == ["ball", "box"]  # from the dataset.json predict wrote
     assert [c["case"] for c in result["cases"]] == ["case_000", "case_001"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_matches_cpu(workdir, tmp_path):
+    make_results_folder(results_root(workdir), "Dataset962_Cuda", folds={0: {"final": 5}})
+    path = tmp_path / "g_0000.nii.gz"
+    write_image(path, blob_image((12, 40, 36), seed=5), (0.8, 1.1, 2.0))
+    for device in ("cpu", "cuda"):
+        args = ["-i", path, "-o", tmp_path / device, "--workdir", workdir, "--dataset", 962, "--device", device]
+        assert run_cli(*args, "--save-probabilities") == 0
+    cpu, cuda = (np.load(tmp_path / d / "g.npz")["probabilities"] for d in ("cpu", "cuda"))
+    assert np.abs(cpu - cuda).max() < 2e-2  # CUDA runs under float16 autocast
+    segs = [sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / d / "g.nii.gz"))) for d in ("cpu", "cuda")]
+    assert (segs[0] == segs[1]).mean() > 0.99

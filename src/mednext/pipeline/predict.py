@@ -516,6 +516,14 @@ def predict(
         cases = collect_input_cases(input_path, ending, num_channels, workspace)
         if single_file and len(cases) != 1:
             raise ValueError(f"{input_path} holds {len(cases)} cases; give a folder as output, not the file {output}")
+        inputs = {f.resolve() for case in cases for f in case.files}
+        for case in cases:
+            target = output if single_file else out_dir / f"{case.case_id}{ending}"
+            if target.resolve() in inputs:
+                raise ValueError(
+                    f"the prediction of case '{case.case_id}' would overwrite its input {target}; "
+                    "give another output folder (-o)"
+                )
         folds = [f for f, _ in select_checkpoints(trained.folder, folds, checkpoint)]
         predictor = load_predictor(trained, folds, checkpoint, device, tta, step_size)
         log(
