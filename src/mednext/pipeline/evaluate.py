@@ -317,7 +317,7 @@ def _read(reader: Any, path: Path) -> tuple[np.ndarray, dict]:
         raise ValueError(f"{path} holds {seg.shape[0]} channels; a label map has one")
     if not np.allclose(seg, np.round(seg)):
         raise ValueError(f"{path} holds non-integer values; evaluate label maps, not probabilities or images")
-    return seg[0].astype(np.int64), properties
+    return seg[0].astype(np.int32), properties
 
 
 def _geometry_problems(pred_props: dict, ref_props: dict, pred_shape: tuple, ref_shape: tuple) -> list[str]:

@@ -348,11 +348,6 @@ def load_predictor(
             patch_dims = len(PlansManager(plans).get_configuration(configuration).patch_size)
             # A checkpoint without the entry predates it: allow every axis, as nnU-Net's trainer does by default.
             mirror_axes = ckpt.get("inference_allowed_mirroring_axes", tuple(range(patch_dims)))
-            if ckpt.get("trainer_name", trainer_name) != trainer_name:
-                raise ValueError(
-                    f"{path} was written by trainer {ckpt['trainer_name']!r} but sits in {folder.name}; "
-                    "the results folder is mixed up"
-                )
         try:
             network.load_state_dict(weights)
         except RuntimeError as err:
