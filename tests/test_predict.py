@@ -245,6 +245,7 @@ def _write_dicom_series(folder: Path, volume: sitk.Image) -> None:
     d = volume.GetDirection()
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
+    writer.SetImageIO("GDCMImageIO")
     for i in range(volume.GetDepth()):
         plane = volume[:, :, i]
         tags = {
@@ -258,7 +259,7 @@ def _write_dicom_series(folder: Path, volume: sitk.Image) -> None:
         }
         for tag, value in tags.items():
             plane.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"slice{i:03d}.dcm"))
+        writer.SetFileName(str(folder / f"CT.{uid}.{i}"))  # no file ending, as scanners often write them
         writer.Execute(plane)
 
 
@@ -268,14 +269,27 @@ def test_predicts_dicom_series_with_its_geometry(workdir, tmp_path):
     volume.SetSpacing((0.9, 0.8, 2.5))
     volume.SetOrigin((-100.0, 20.0, 35.5))
     volume.SetDirection((1.0, 0.0, 0.0, 0.0, 0.0, -1.0, 0.0, 1.0, 0.0))
-    _write_dicom_series(tmp_path / "series1", volume)
+    _write_dicom_series(tmp_path / "scans" / "series1", volume)
     out = tmp_path / "out"
-    assert run_cli("-i", tmp_path / "series1", "-o", out, "--workdir", workdir, "--dataset", 953, "--no-tta") == 0
+    args = ["-o", out, "--workdir", workdir, "--dataset", 953, "--no-tta", "--device", "cpu"]
+    assert run_cli("-i", tmp_path / "scans" / "series1", *args) == 0
     pred = sitk.ReadImage(str(out / "series1.nii.gz"))
     assert pred.GetSize() == volume.GetSize()
     np.testing.assert_allclose(pred.GetSpacing(), volume.GetSpacing(), atol=1e-4)
     np.testing.assert_allclose(pred.GetOrigin(), volume.GetOrigin(), atol=1e-4)
     np.testing.assert_allclose(pred.GetDirection(), volume.GetDirection(), atol=1e-6)
+    # a folder of series folders: one case per series
+    moved = sitk.Image(volume)
+    moved.SetOrigin((4.0, -7.5, 12.0))
+    _write_dicom_series(tmp_path / "scans" / "series2", moved)
+    assert run_cli("-i", tmp_path / "scans", *args[:1], tmp_path / "out2", *args[2:]) == 0
+    assert sorted(p.name for p in (tmp_path / "out2").glob("*.nii.gz")) == ["series1.nii.gz", "series2.nii.gz"]
+    pred2 = sitk.ReadImage(str(tmp_path / "out2" / "series2.nii.gz"))
+    np.testing.assert_allclose(pred2.GetOrigin(), moved.GetOrigin(), atol=1e-4)
+    assert np.array_equal(
+        sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out2" / "series1.nii.gz"))),
+        sitk.GetArrayFromImage(pred),
+    )
 
 
 def test_single_file_to_output_file_and_multichannel_folder(workdir, tmp_path):

@@ -153,7 +153,13 @@ def dicom_series(folder: Path) -> list[str]:
     """The DICOM series ids in ``folder`` (empty if it holds none)."""
     import SimpleITK as sitk
 
-    return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or [])
+    # ITK warns on stderr for every folder without a series; finding none is an answer here.
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or [])
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
 def cases_from_dicom(folder: Path, ending: str, num_channels: int, workspace: Path) -> list[InputCase]:
@@ -193,7 +199,10 @@ def cases_from_dicom(folder: Path, ending: str, num_channels: int, workspace: Pa
 
 
 def collect_input_cases(path: str | Path, ending: str, num_channels: int, workspace: Path) -> list[InputCase]:
-    """Turn ``path`` (file, folder of files, or DICOM series folder) into cases with one file per channel.
+    """Turn ``path`` into cases with one file per channel.
+
+    ``path`` is an image file, a folder of image files, a DICOM series folder, or a folder whose
+    subfolders are DICOM series (one case each).
 
     Raises FileNotFoundError when ``path`` does not exist and ValueError, naming the file and the
     fix, for files in another ending, missing or surplus channel files, and empty folders.
@@ -212,10 +221,14 @@ def collect_input_cases(path: str | Path, ending: str, num_channels: int, worksp
     elif dicom_series(path):
         cases = cases_from_dicom(path, ending, num_channels, workspace)
     else:
+        # a folder of DICOM series folders (one per scan), each a case named after its folder
         cases = []
+        for sub in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if dicom_series(sub):
+                cases += cases_from_dicom(sub, ending, num_channels, workspace)
     if not cases:
         raise ValueError(
             f"{path} holds no '{ending}' images and no DICOM series; give a folder of <case>_0000{ending} "
-            "files, a single image, or a folder with one DICOM series"
+            "files, a single image, a DICOM series folder or a folder of DICOM series folders"
         )
     return cases
