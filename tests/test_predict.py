@@ -355,6 +355,9 @@ def test_errors_name_the_problem_and_the_fix(workdir, tmp_path, capsys):
     assert "checkpoint_best.pth" in err and "checkpoint_final.pth" in err and "--checkpoint" in err
     err = _error(capsys, "-i", inp, *base[:3], 957, *base[4:])
     assert "957" in err
+    if not torch.cuda.is_available():
+        err = _error(capsys, "-i", inp, *base, "--device", "cuda")
+        assert "--device cpu" in err
     # a surplus channel inside one file (4D image with 3 volumes as channel 0)
     four_d = sitk.GetImageFromArray(np.stack([blob_image((8, 16, 16))] * 3), isVector=False)
     sitk.WriteImage(four_d, str(inp / "x_0000.nii.gz"))
