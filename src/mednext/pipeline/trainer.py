@@ -54,8 +54,10 @@ def _plain(value: Any) -> Any:
     """Numpy scalars/arrays, tuples and devices as plain Python values (for weights_only loading)."""
     if isinstance(value, dict):
         return {str(k) if not isinstance(k, (str, int)) else k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, list):
         return [_plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
     if isinstance(value, np.ndarray):
         return value.tolist()
     if isinstance(value, np.generic):
@@ -487,7 +489,7 @@ def _json_safe(value: Any) -> Any:
         return None
     if isinstance(value, dict):
         return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
     return value
 
