@@ -116,7 +116,7 @@ def make_results_folder(
                     "optimizer_state": {"state": {}, "param_groups": [{"lr": 1e-3, "params": [0]}]},
                     "grad_scaler_state": None,
                     "logging": {"mean_fg_dice": [np.float64(0.5)], "ema_fg_dice": [np.float32(0.4)],
-                                "epoch_end_timestamps": [1.0]},
+                                "epoch_end_timestamps": [1.0], "dice_per_class_or_region": [np.array([0.5, 0.25])]},
                     "_best_ema": np.float64(0.4),
                     "current_epoch": 1,
                     "init_args": {"plans": plans, "configuration": configuration, "fold": fold,
@@ -385,12 +385,13 @@ def test_checkpoint_with_unsafe_objects_is_refused(workdir, tmp_path, capsys):
     folder = make_results_folder(results_root(workdir), "Dataset959_Unsafe")
     checkpoint = folder / "fold_0" / "checkpoint_final.pth"
     content = torch.load(checkpoint, weights_only=False)
-    content["init_args"]["namespace"] = argparse.Namespace(a=1)
-    torch.save(content, checkpoint)
     path = tmp_path / "c.nii.gz"
     write_image(path, blob_image((8, 16, 16)), (1, 1, 2))
-    err = _error(capsys, "-i", path, "-o", tmp_path / "out", "--workdir", workdir, "--dataset", 959)
-    assert "weights_only=True" in err and "checkpoint_final.pth" in err
+    for unsafe in (argparse.Namespace(a=1), np.array([{"a": 1}], dtype=object)):
+        content["init_args"]["extra"] = unsafe
+        torch.save(content, checkpoint)
+        err = _error(capsys, "-i", path, "-o", tmp_path / "out", "--workdir", workdir, "--dataset", 959)
+        assert "weights_only=True" in err and "checkpoint_final.pth" in err
 
 
 @pytest.mark.slow

@@ -171,18 +171,19 @@ def resolve_trained_model(
 
 
 def _numpy_safe_globals() -> list[Any]:
-    """The numpy scalar types nnU-Net's training log stores in checkpoints (e.g. np.float64 Dice values).
+    """The numpy types nnU-Net's training log may store in checkpoints (np.float64 Dice values, arrays).
 
-    ``numpy...multiarray.scalar`` rebuilds a scalar from a dtype and raw bytes; with only numeric and
-    bool dtypes allowed it cannot build objects, so loading stays free of arbitrary code.
+    ``scalar`` and ``_reconstruct`` rebuild numpy scalars and arrays from a dtype and raw bytes; with
+    only numeric and bool dtypes allowed (no object dtype) they cannot build arbitrary objects, so
+    loading stays free of code execution.
     """
     try:
-        from numpy._core.multiarray import scalar  # numpy >= 2
+        from numpy._core import multiarray  # numpy >= 2
     except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core.multiarray import scalar  # type: ignore[no-redef]
+        from numpy.core import multiarray  # type: ignore[no-redef]
     numeric = [np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64]
     numeric += [np.float16, np.float32, np.float64]
-    return [scalar, np.dtype, *(type(np.dtype(t)) for t in numeric)]
+    return [multiarray.scalar, multiarray._reconstruct, np.ndarray, np.dtype, *(type(np.dtype(t)) for t in numeric)]
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
