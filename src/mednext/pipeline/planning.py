@@ -170,6 +170,20 @@ class MedNeXtPlanner(ExperimentPlanner):
         self.memory_target_gb = float(gpu_memory_target_in_gb)
         self.lowres_creation_threshold = 0.0  # no 3d_lowres / cascade: MedNeXt trains 2d and 3d_fullres
 
+    @staticmethod
+    def static_estimate_VRAM_usage(*args: Any, **kwargs: Any) -> float:  # noqa: N802 (the engine's name)
+        # the engine sets torch's thread count to its augmentation-worker count, which may be 0
+        # (nnUNet_n_proc_DA=0 is valid for training); at least one thread for the estimate
+        var = "nnUNet_n_proc_DA"
+        old = os.environ.get(var)
+        if old is not None and int(old) < 1:
+            os.environ[var] = "1"
+        try:
+            return ExperimentPlanner.static_estimate_VRAM_usage(*args, **kwargs)
+        finally:
+            if old is not None:
+                os.environ[var] = old
+
     def get_plans_for_configuration(
         self,
         spacing: np.ndarray | Sequence[float],

@@ -597,7 +597,6 @@ def train_fold(
     from nnunetv2.paths import nnUNet_preprocessed
 
     from mednext.pipeline.datasets import resolve_dataset
-    from mednext.pipeline.ddp import init_distributed
 
     name = resolve_dataset(dataset)
     fold = parse_fold(fold)
@@ -621,13 +620,47 @@ def train_fold(
             f"{data_dir} is missing or empty: {configuration} was planned but not preprocessed; run "
             f"'mednext plan {name} --configs {configuration}'"
         )
+    if num_workers is not None and num_workers < 0:
+        raise ValueError(f"--num-workers must be >= 0, got {num_workers}")
+    previous_workers = os.environ.get(N_PROC_DA)
     if num_workers is not None:
-        if num_workers < 0:
-            raise ValueError(f"--num-workers must be >= 0, got {num_workers}")
         os.environ[N_PROC_DA] = str(num_workers)
-    elif N_PROC_DA not in os.environ and dev.type == "cpu":
+    elif previous_workers is None and dev.type == "cpu":
         # on CPU the network, not augmentation, is the bottleneck; background workers only compete for cores
         os.environ[N_PROC_DA] = "0"
+    try:
+        return _run_fold(
+            name, plans, plans_id, base, cls, configuration, fold, dev, epochs, iters_per_epoch, val_iters,
+            resume, bf16, validate, pretrained, upkern_from, show_progress,
+        )  # fmt: skip
+    finally:
+        if previous_workers is None:
+            os.environ.pop(N_PROC_DA, None)
+        else:
+            os.environ[N_PROC_DA] = previous_workers
+
+
+def _run_fold(
+    name: str,
+    plans: dict,
+    plans_id: str,
+    base: Path,
+    cls: type[MedNeXtTrainer],
+    configuration: str,
+    fold: int | str,
+    dev: torch.device,
+    epochs: int | None,
+    iters_per_epoch: int | None,
+    val_iters: int | None,
+    resume: bool,
+    bf16: bool,
+    validate: bool,
+    pretrained: str | None,
+    upkern_from: str | None,
+    show_progress: bool,
+) -> MedNeXtTrainer:
+    from mednext.pipeline.ddp import init_distributed
+
     init_distributed(dev.type)
 
     dataset_json = json.loads((base / "dataset.json").read_text())
