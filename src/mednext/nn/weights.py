@@ -535,6 +535,8 @@ def load_pretrained(path_or_state_dict: Any, *, source: str = "auto", **override
         config = {**stored, **overrides}
     else:
         config = infer_config(sd, **overrides)
+        if report.layout == "monai" and "residual" not in overrides:
+            config["residual"] = config["resample_residual"]  # MONAI has one switch for both
     report.overridden = sorted(overrides)
     model = MedNeXt(**config)
     load_state_dict_exact(model, sd, report.origin)
