@@ -290,6 +290,24 @@ def test_nnunet_v2_checkpoint_and_overrides():
     assert torch.equal(model(x), src.eval()(x))
 
 
+def test_pipeline_checkpoint_brings_its_strides(tmp_path):
+    src = MedNeXt(1, 2, spatial_dims=3, width=8, strides=[(1, 2, 2), (2, 2, 2)], deep_supervision=True, norm="layer")
+    arch_kwargs = {k: v for k, v in src.config.items() if k not in ("in_channels", "num_classes")}
+    path = tmp_path / "checkpoint_final.pth"
+    torch.save(
+        {
+            "network_weights": src.state_dict(),
+            "logging": {"mean_fg_dice": [np.float64(0.5)]},
+            "current_epoch": 2,
+            "mednext": {"preset": "S", "architecture": {"network_class_name": "x", "arch_kwargs": arch_kwargs}},
+        },
+        path,
+    )
+    model = load_pretrained(path)
+    assert model.config == src.config  # strides and norm come from the entry, not the defaults
+    assert "architecture entry" in model.load_report.summary()
+
+
 # ----------------------------------------------------------------------------- errors
 
 

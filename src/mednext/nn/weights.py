@@ -90,6 +90,7 @@ class LoadReport:
     zero_filled: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     overridden: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         lines = [f"loaded {self.tensors} tensors from {self.origin} ({self.layout} layout)"]
@@ -105,6 +106,7 @@ class LoadReport:
                 + ", ".join(self.zero_filled[:_SHOW])
                 + (" ..." if len(self.zero_filled) > _SHOW else "")
             )
+        lines.extend(f"  {note}" for note in self.notes)
         if self.overridden:
             lines.append(f"  set by the caller, not from the weights: {', '.join(self.overridden)}")
         if self.config:
@@ -314,6 +316,23 @@ def convert_state_dict(state_dict: Mapping[str, Any], source: str = "auto", orig
     return sd, report
 
 
+def _pipeline_config(obj: Any, sd: dict[str, torch.Tensor], report: LoadReport) -> dict[str, Any] | None:
+    """Checkpoints of our nnU-Net v2 trainer store the network's arguments under
+    ``mednext.architecture.arch_kwargs``: they give what the weights cannot (strides, norm, residual)."""
+    try:
+        arch_kwargs = obj["mednext"]["architecture"]["arch_kwargs"]
+    except (KeyError, TypeError):
+        return None
+    if not isinstance(arch_kwargs, Mapping):
+        return None
+    config = infer_config(sd)
+    config.update(
+        {k: v for k, v in arch_kwargs.items() if k in _CONFIG_KEYS and k not in ("in_channels", "num_classes")}
+    )
+    report.notes.append("strides, norm and residual switches from the checkpoint's mednext architecture entry")
+    return config
+
+
 def read_source(source: Any, layout: str = "auto") -> tuple[dict[str, torch.Tensor], LoadReport, dict[str, Any] | None]:
     """Read weights from a model, a state dict/checkpoint dict or a file (any layout we read).
 
@@ -338,8 +357,9 @@ def read_source(source: Any, layout: str = "auto") -> tuple[dict[str, torch.Tens
                 return tensors, LoadReport("mednext", repr(path), len(tensors)), info["config"]
             sd, report = convert_state_dict(tensors, layout, repr(path))
             return sd, report, None
-        sd, report = convert_state_dict(ckpt.safe_torch_load(path), layout, repr(path))
-        return sd, report, None
+        obj = ckpt.safe_torch_load(path)
+        sd, report = convert_state_dict(obj, layout, repr(path))
+        return sd, report, _pipeline_config(obj, sd, report)
     if isinstance(source, Mapping):
         sd, report = convert_state_dict(source, layout)
         return sd, report, None
