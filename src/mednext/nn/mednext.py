@@ -10,6 +10,7 @@ dicts load without renaming.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,6 +45,30 @@ def _as_tuple(value: IntOrTuple, spatial_dims: int, name: str) -> tuple[int, ...
     if len(value) != spatial_dims:
         raise ValueError(f"{name}={value} has {len(value)} entries; give one int or {spatial_dims} (one per axis)")
     return value
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with channels-last strides (NHWC / NDHWC), the layout of the fast path."""
+    return x.contiguous(memory_format=torch.channels_last_3d if x.ndim == 5 else torch.channels_last)
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """True when the channel axis is innermost, so (N, *spatial, C) is a free view."""
+    return x.movedim(1, -1).is_contiguous()
+
+
+def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A 1x1 convolution with ``weight`` of shape (out, in): on channels-last input one GEMM
+    over (N*voxels, in), whose forward and backward run at the BLAS's speed."""
+    return F.linear(x.movedim(1, -1), weight, bias).movedim(-1, 1)
+
+
+def conv1x1(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Apply a 1x1 (transposed) convolution module, as a GEMM when ``x`` is channels-last."""
+    if not is_channels_last(x):
+        return conv(x)
+    w = conv.weight.flatten(1)  # Conv: (out, in, 1..); ConvTranspose: (in, out, 1..)
+    return pointwise(x, w.t() if isinstance(conv, nn.modules.conv._ConvTransposeNd) else w, conv.bias)
 
 
 # ----------------------------------------------------------------------------- normalisation
@@ -150,10 +175,10 @@ class MedNeXtBlock(nn.Module):
         return _CONV[spatial_dims](channels, channels, kernel, stride=1, padding=padding, groups=channels)
 
     def _branch(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.act(self.conv2(self.norm(self.conv1(x))))
+        y = self.act(conv1x1(self.conv2, self.norm(self.conv1(x))))
         if self.grn:
             y = global_response_norm(y, self.grn_gamma, self.grn_beta)
-        return self.conv3(y)
+        return conv1x1(self.conv3, y)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._branch(x)
@@ -200,7 +225,13 @@ class MedNeXtDownBlock(MedNeXtBlock):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._branch(x)
-        return y + self.res_conv(x) if self.resample_residual else y
+        if not self.resample_residual:
+            return y
+        if is_channels_last(x):
+            # strided 1x1 conv = subsample, then one GEMM
+            sub = x[(slice(None), slice(None), *(slice(None, None, s) for s in self.res_conv.stride))]
+            return y + pointwise(sub, self.res_conv.weight.flatten(1), self.res_conv.bias)
+        return y + self.res_conv(x)
 
 
 class MedNeXtUpBlock(MedNeXtBlock):
@@ -250,9 +281,25 @@ class MedNeXtUpBlock(MedNeXtBlock):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._branch(x)
+        if is_channels_last(x):
+            return self._forward_channels_last(x, y)
         if self.resample_residual:
             y = y + self.res_conv(x)  # same (N-1)*s+1 grid as the main path, so pad once after adding
         return F.pad(y, self._pad) if self._needs_pad else y
+
+    def _forward_channels_last(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        stride = self.conv1.stride
+        if self.resample_residual:
+            # A strided 1x1 transposed conv writes W^T x on every s-th voxel and only its bias elsewhere.
+            y = y + self.res_conv.bias.view(1, -1, *(1,) * len(stride))
+            on_grid = (slice(None), slice(None), *(slice(None, None, s) for s in stride))
+            y[on_grid] += pointwise(x, self.res_conv.weight.flatten(1).t(), None)
+        if not self._needs_pad:
+            return y
+        out = y.new_zeros((*y.shape[:2], *(n + s - 1 for n, s in zip(y.shape[2:], stride))))
+        out = channels_last(out)
+        out[(slice(None), slice(None), *(slice(s - 1, None) for s in stride))] = y
+        return out
 
 
 class MedNeXtOutBlock(nn.Module):
@@ -269,7 +316,7 @@ class MedNeXtOutBlock(nn.Module):
         self.conv_out = _CONV_T[spatial_dims](in_channels, num_classes, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv_out(x)
+        return conv1x1(self.conv_out, x)
 
 
 # ----------------------------------------------------------------------------- network
@@ -371,6 +418,8 @@ class MedNeXt(nn.Module):
         self.widths = [width * 2**i for i in range(n + 1)]
         self.deep_supervision = deep_supervision
         self.grad_checkpointing = grad_checkpointing
+        # Channels-last layout with 1x1 convs as GEMMs; same numbers as the plain path (tests check it).
+        self.fast_path = os.environ.get("MEDNEXT_FAST_PATH", "1") != "0"
         # Everything needed to rebuild this module; JSON-serialisable.
         self.config: dict[str, Any] = {
             "in_channels": in_channels,
@@ -471,6 +520,11 @@ class MedNeXt(nn.Module):
         self.grad_checkpointing = enable
         self.config["grad_checkpointing"] = enable
 
+    def set_fast_path(self, enable: bool = True) -> None:
+        """Use the channels-last GEMM path (default) or the plain NCDHW convolutions (for debugging;
+        the environment variable MEDNEXT_FAST_PATH=0 sets the default to plain)."""
+        self.fast_path = enable
+
     def set_deep_supervision(self, enable: bool = True) -> None:
         """Return (training mode) or not return the low-resolution outputs; needs the heads built."""
         if enable and not hasattr(self, "out_1"):
@@ -525,10 +579,14 @@ class MedNeXt(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        if not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()):
+        exporting = torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
+        if not exporting:
             self.check_input(x)
+        fast = self.fast_path and not exporting
+        if fast:
+            x = channels_last(x)  # every block then takes its GEMM / channels-last path
         n = self.num_stages
-        x = self.stem(x)
+        x = conv1x1(self.stem, x)
         skips = []
         for i in range(n):
             x = self._run_stage(getattr(self, f"enc_block_{i}"), x)
@@ -544,8 +602,9 @@ class MedNeXt(nn.Module):
                 low_res.append(getattr(self, f"out_{i}")(x))
         out = self.out_0(x)
         if with_ds:
-            return [out, *reversed(low_res)]
-        return out
+            outs = [out, *reversed(low_res)]
+            return [o.contiguous() for o in outs] if fast else outs
+        return out.contiguous() if fast else out
 
 
 # ----------------------------------------------------------------------------- presets

@@ -1,0 +1,271 @@
+"""Speed and memory of our MedNeXt against MONAI's, side by side in one run, same weights.
+
+Variants: MONAI 1.6.1's MedNeXt as shipped (NCDHW), MONAI in ``channels_last_3d``, ours with
+the fast path off (plain NCDHW convolutions) and ours as users get it (fast path on). All four
+hold the same weights (MONAI's, converted by :func:`mednext.nn.weights.load_pretrained`), and the
+outputs are checked against MONAI's in the same run before anything is timed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+VARIANTS = ("monai", "monai_cl", "ours_plain", "ours")
+LABELS = {
+    "monai": "MONAI 1.6.1 as shipped",
+    "monai_cl": "MONAI 1.6.1, channels_last_3d",
+    "ours_plain": "mednext, fast path off",
+    "ours": "mednext (default)",
+}
+
+
+def deep_supervision_loss(outputs: Any, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy on every deep-supervision output (weights 1, 1/2, ... normalised), the
+    target nearest-downsampled to each output's size."""
+    outputs = list(outputs) if isinstance(outputs, list | tuple) else [outputs]
+    weights = [1 / 2**i for i in range(len(outputs))]
+    total = sum(weights)
+    loss = outputs[0].new_zeros(())
+    for w, out in zip(weights, outputs):
+        t = target
+        if out.shape[2:] != target.shape[1:]:
+            t = nn.functional.interpolate(target[:, None].float(), size=out.shape[2:], mode="nearest")
+            t = t[:, 0].long()
+        loss = loss + w / total * nn.functional.cross_entropy(out, t)
+    return loss
+
+
+def training_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, optimizer: torch.optim.Optimizer) -> float:
+    """Forward, deep-supervision loss, backward and optimizer step; returns the loss."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = deep_supervision_loss(model(x), target)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_variants(
+    preset: str, kernel_size: int, spatial_dims: int, in_channels: int, num_classes: int, seed: int = 0
+) -> dict[str, nn.Module]:
+    """The four variants with identical weights (MONAI's random initialisation, converted)."""
+    from monai.networks.nets.mednext import create_mednext as monai_create
+
+    from mednext.nn.weights import load_pretrained
+
+    torch.manual_seed(seed)
+    monai = monai_create(
+        preset, spatial_dims=spatial_dims, in_channels=in_channels, out_channels=num_classes,
+        kernel_size=kernel_size, deep_supervision=True,
+    )  # fmt: skip
+    ours = load_pretrained(monai.state_dict(), source="monai")
+    ours.set_deep_supervision(True)
+    ours.set_grad_checkpointing(False)  # MONAI has none; compare like with like
+    plain = load_pretrained(monai.state_dict(), source="monai")
+    plain.set_deep_supervision(True)
+    plain.set_grad_checkpointing(False)
+    plain.set_fast_path(False)
+    monai_cl = monai_create(
+        preset, spatial_dims=spatial_dims, in_channels=in_channels, out_channels=num_classes,
+        kernel_size=kernel_size, deep_supervision=True,
+    )  # fmt: skip
+    monai_cl.load_state_dict(monai.state_dict())
+    fmt = torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
+    monai_cl = monai_cl.to(memory_format=fmt)
+    monai_cl._mednext_input_format = fmt  # the benchmark converts its input too
+    return {"monai": monai, "monai_cl": monai_cl, "ours_plain": plain, "ours": ours}
+
+
+def _prepare_input(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    fmt = getattr(model, "_mednext_input_format", None)
+    return x.contiguous(memory_format=fmt) if fmt is not None else x
+
+
+def check_parity(models: dict[str, nn.Module], x: torch.Tensor) -> dict[str, float]:
+    """Worst relative difference of each variant's eval output against MONAI as shipped."""
+    with torch.no_grad():
+        ref = models["monai"].eval()(x)
+        scale = ref.abs().max().item()
+        diffs = {}
+        for name, model in models.items():
+            out = model.eval()(_prepare_input(model, x))
+            diffs[name] = (out.float() - ref.float()).abs().max().item() / scale
+    return diffs
+
+
+def _median_time(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+@dataclass
+class BenchmarkResult:
+    preset: str
+    kernel_size: int
+    spatial_dims: int
+    patch: tuple[int, ...]
+    batch: int
+    device: str
+    threads: int
+    repeats: int
+    parity: dict[str, float]
+    train_s: dict[str, list[float]] = field(default_factory=dict)
+    infer_s: dict[str, list[float]] = field(default_factory=dict)
+    peak_mib: dict[str, float] = field(default_factory=dict)
+
+    def median(self, kind: str, variant: str) -> float:
+        return statistics.median(getattr(self, kind)[variant])
+
+    def table(self) -> str:
+        base = "monai"
+        head = (
+            "| variant | train step s (median) | x MONAI | x MONAI CL | inference s (median) | x MONAI "
+            "| peak MiB (train) | max rel. diff vs MONAI |"
+        )
+        lines = [head, "|" + "---|" * 8]
+        for v in VARIANTS:
+            if v not in self.train_s:
+                continue
+            tr, inf = self.median("train_s", v), self.median("infer_s", v)
+            lines.append(
+                f"| {LABELS[v]} | {tr:.3f} | {tr / self.median('train_s', base):.2f} | "
+                f"{tr / self.median('train_s', 'monai_cl'):.2f} | {inf:.3f} | {inf / self.median('infer_s', base):.2f} | "
+                f"{self.peak_mib.get(v, float('nan')):,.0f} | {self.parity.get(v, float('nan')):.1e} |"
+            )
+        return "\n".join(lines)
+
+
+def _memory_worker(spec: dict[str, Any]) -> float:
+    """Peak RSS rise of one training step of one variant, in a fresh process."""
+    import resource
+
+    torch.set_num_threads(spec["threads"])
+    models = build_variants(spec["preset"], spec["kernel"], spec["dims"], 1, spec["classes"])
+    model = models[spec["variant"]].train()
+    del models
+    x = _prepare_input(model, torch.randn(spec["batch"], 1, *spec["patch"]))
+    target = torch.randint(0, spec["classes"], (spec["batch"], *spec["patch"]))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=3e-5, eps=1e-4)
+    with open("/proc/self/statm") as f:
+        before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    training_step(model, x, target, opt)
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / 2**20
+
+
+def _measure_memory(spec: dict[str, Any], device: torch.device, model: nn.Module, x, target) -> float:
+    if device.type == "cuda":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=3e-5, eps=1e-4)
+        training_step(model, x, target, opt)  # allocate optimizer state outside the measured step
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        training_step(model, x, target, opt)
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    code = (
+        "import json,sys; from mednext.benchmark import _memory_worker; print(_memory_worker(json.loads(sys.argv[1])))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory measurement of {spec['variant']} failed:\n{proc.stderr[-2000:]}")
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+def run_benchmark(
+    preset: str = "S",
+    kernel_size: int = 3,
+    spatial_dims: int = 3,
+    patch: Sequence[int] = (64, 64, 64),
+    batch: int = 2,
+    device: str = "cpu",
+    repeats: int = 5,
+    warmup: int = 1,
+    threads: int | None = None,
+    variants: Sequence[str] = VARIANTS,
+    memory: bool = True,
+    num_classes: int = 4,
+    log: Callable[[str], None] = print,
+) -> BenchmarkResult:
+    """Time a training step and an inference forward of each variant, interleaved round by round
+    so that background load hits all variants alike; optionally measure peak memory."""
+    dev = torch.device(device)
+    if threads:
+        torch.set_num_threads(threads)
+    patch = tuple(int(v) for v in patch)
+    models = {k: m.to(dev) for k, m in build_variants(preset, kernel_size, spatial_dims, 1, num_classes).items()}
+    models = {k: models[k] for k in variants}
+    if "monai" not in models or "monai_cl" not in models:
+        raise ValueError("the benchmark needs the variants 'monai' and 'monai_cl' as its reference columns")
+    torch.manual_seed(1)
+    x = torch.randn(batch, 1, *patch, device=dev)
+    target = torch.randint(0, num_classes, (batch, *patch), device=dev)
+    parity = check_parity(models, x)
+    log("parity (max |out - MONAI| / max |MONAI|): " + ", ".join(f"{k} {v:.1e}" for k, v in parity.items()))
+    bad = {k: v for k, v in parity.items() if v > 1e-4}
+    if bad:
+        raise RuntimeError(f"outputs differ from MONAI's beyond 1e-4 relative: {bad}; timings would be meaningless")
+    result = BenchmarkResult(
+        preset=preset, kernel_size=kernel_size, spatial_dims=spatial_dims, patch=patch, batch=batch,
+        device=str(dev), threads=torch.get_num_threads(), repeats=repeats, parity=parity,
+    )  # fmt: skip
+    optimizers = {k: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=3e-5, eps=1e-4) for k, m in models.items()}
+    inputs = {k: _prepare_input(m, x) for k, m in models.items()}
+    for k, m in models.items():  # warm-up (and optimizer state allocation) before any timing
+        m.train()
+        for _ in range(warmup):
+            training_step(m, inputs[k], target, optimizers[k])
+    for rnd in range(repeats):
+        for k, m in models.items():
+            m.train()
+            t = _median_time(lambda m=m, k=k: training_step(m, inputs[k], target, optimizers[k]), dev, 1, 0)
+            result.train_s.setdefault(k, []).extend(t)
+            m.eval()
+            with torch.no_grad():
+                t = _median_time(lambda m=m, k=k: m(inputs[k]), dev, 1, 1 if rnd == 0 else 0)
+            result.infer_s.setdefault(k, []).extend(t)
+        log(f"round {rnd + 1}/{repeats}: " + ", ".join(f"{k} {result.train_s[k][-1]:.2f}s" for k in models))
+    if memory:
+        for k in models:
+            spec = {
+                "preset": preset, "kernel": kernel_size, "dims": spatial_dims, "classes": num_classes,
+                "variant": k, "batch": batch, "patch": list(patch), "threads": torch.get_num_threads(),
+            }  # fmt: skip
+            result.peak_mib[k] = _measure_memory(spec, dev, models[k].train(), inputs[k], target)
+    return result
+
+
+def machine_description(device: str = "cpu") -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"

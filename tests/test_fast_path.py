@@ -1,0 +1,61 @@
+"""The default fast path (channels-last layout, 1x1 convs as GEMMs) equals the plain path."""
+
+import pytest
+import torch
+
+from mednext import MedNeXt, create_mednext
+
+CONFIGS = [
+    {"spatial_dims": 3, "strides": [2, 2], "kernel_sizes": [3, 5, 3, 5, 3]},
+    {"spatial_dims": 3, "strides": [(1, 2, 2), 3], "kernel_sizes": 3, "grn": True},
+    {"spatial_dims": 2, "strides": [2, 2, 2], "kernel_sizes": 5, "norm": "layer"},
+    {"spatial_dims": 2, "strides": [(2, 1), 2], "kernel_sizes": 3, "grn": True, "resample_residual": False},
+    {"spatial_dims": 3, "strides": [2, 2], "residual": False, "expansion_ratios": [2, 3, 4, 3, 2]},
+]
+
+
+def _run(model, x, fast):
+    model.set_fast_path(fast)
+    model.zero_grad(set_to_none=True)
+    outs = model(x)
+    loss = sum((o.square().mean() + o.mean()) * (i + 1) for i, o in enumerate(outs))
+    loss.backward()
+    return [o.detach() for o in outs], {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=[str(i) for i in range(len(CONFIGS))])
+def test_fast_path_equals_plain_path_float64(cfg):
+    torch.manual_seed(len(str(cfg)))
+    model = MedNeXt(2, 3, width=8, deep_supervision=True, **cfg).double().train()
+    for p in model.parameters():  # fresh random values everywhere, GRN included
+        p.data.add_(0.1 * torch.randn_like(p))
+    stride = model.total_stride
+    x = torch.randn(2, 2, *(2 * s + (s if i == 0 else 0) for i, s in enumerate(stride)), dtype=torch.float64)
+    outs_plain, grads_plain = _run(model, x, fast=False)
+    outs_fast, grads_fast = _run(model, x, fast=True)
+    for a, b in zip(outs_fast, outs_plain, strict=True):
+        assert a.is_contiguous()
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    scale = max(g.abs().max().item() for g in grads_plain.values())
+    for name, g in grads_plain.items():
+        # Biases right before a per-channel norm have zero true gradient; compare against the global scale.
+        torch.testing.assert_close(grads_fast[name], g, rtol=1e-9, atol=1e-11 * scale, msg=name)
+
+
+def test_fast_path_float32_eval_output():
+    torch.manual_seed(3)
+    model = create_mednext("S", 1, 4).eval()
+    x = torch.randn(1, 1, 32, 32, 48)
+    with torch.no_grad():
+        model.set_fast_path(False)
+        plain = model(x)
+        model.set_fast_path(True)
+        fast = model(x)
+    # float32 rounding through 30 blocks: relative to the output's scale
+    assert (fast - plain).abs().max() / plain.abs().max() < 1e-5
+
+
+def test_fast_path_is_default_and_switchable_by_environment(monkeypatch):
+    assert create_mednext("S", 1, 2).fast_path
+    monkeypatch.setenv("MEDNEXT_FAST_PATH", "0")
+    assert not create_mednext("S", 1, 2).fast_path
