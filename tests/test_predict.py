@@ -459,3 +459,33 @@ def test_cuda_matches_cpu(workdir, tmp_path):
     assert np.abs(cpu - cuda).max() < 2e-2  # CUDA runs under float16 autocast
     segs = [sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / d / "g.nii.gz"))) for d in ("cpu", "cuda")]
     assert (segs[0] == segs[1]).mean() > 0.99
+
+
+def test_input_grouping_rules(tmp_path):
+    from mednext.pipeline.io import collect_input_cases
+
+    def touch(*names):
+        folder = tmp_path / f"f{len(list(tmp_path.iterdir()))}"
+        folder.mkdir()
+        for n in names:
+            (folder / n).write_bytes(b"")
+        return folder
+
+    def ids(folder, channels=1):
+        return {
+            c.case_id: [f.name for f in c.files] for c in collect_input_cases(folder, ".nii.gz", channels, tmp_path)
+        }
+
+    folder = touch("a_0000.nii.gz", "b.nii.gz", "scan_0003.nii.gz", "notes.txt", ".hidden.nii.gz")
+    assert ids(folder) == {"a": ["a_0000.nii.gz"], "b": ["b.nii.gz"], "scan_0003": ["scan_0003.nii.gz"]}
+    folder = touch("p_0001.nii.gz", "p_0000.nii.gz", "q_0000.nii.gz", "q_0001.nii.gz")
+    assert ids(folder, 2) == {"p": ["p_0000.nii.gz", "p_0001.nii.gz"], "q": ["q_0000.nii.gz", "q_0001.nii.gz"]}
+    assert ids(folder / "q_0001.nii.gz", 2) == {"q": ["q_0000.nii.gz", "q_0001.nii.gz"]}
+    with pytest.raises(ValueError, match="unexpected channel"):
+        ids(touch("c_0000.nii.gz", "c_0001.nii.gz"))
+    with pytest.raises(ValueError, match="all name case 'd'"):
+        ids(touch("d_0000.nii.gz", "d.nii.gz"))
+    with pytest.raises(ValueError, match=r"takes 2 channels.*rename"):
+        ids(touch("e.nii.gz"), 2)
+    with pytest.raises(ValueError, match="no '.nii.gz' images and no DICOM"):
+        ids(touch("readme.txt"))
