@@ -489,3 +489,14 @@ def test_input_grouping_rules(tmp_path):
         ids(touch("e.nii.gz"), 2)
     with pytest.raises(ValueError, match="no '.nii.gz' images and no DICOM"):
         ids(touch("readme.txt"))
+
+
+def test_fold_all_is_used_when_no_numbered_fold_exists(workdir, tmp_path):
+    make_results_folder(results_root(workdir), "Dataset963_All", folds={"all": {"final": 0}, 1: {"latest": 0}})
+    path = tmp_path / "c.nii.gz"
+    write_image(path, blob_image((8, 16, 16)), (1, 1, 2))
+    base = ["-i", path, "--workdir", workdir, "--dataset", 963, "--no-tta", "--device", "cpu"]
+    assert run_cli(*base, "-o", tmp_path / "a") == 0
+    assert json.loads((tmp_path / "a" / "mednext_predict.json").read_text())["folds"] == ["all"]
+    assert run_cli(*base, "-o", tmp_path / "b", "--checkpoint", "latest") == 0
+    assert json.loads((tmp_path / "b" / "mednext_predict.json").read_text())["folds"] == [1]
