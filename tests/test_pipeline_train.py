@@ -20,7 +20,7 @@ from mednext.cli import main
 sys.path.insert(0, str(Path(__file__).parent))
 from synthetic_data import make_dataset, write_image  # noqa: E402
 
-SHAPE_3D = (12, 24, 24)  # spacing (2, 1, 1) mm: the engine plans a (12, 24, 24) patch, strides (1|2, 2, 2)
+SHAPE_3D = (8, 16, 16)  # spacing (2, 1, 1) mm: the engine plans an (8, 16, 16) patch
 SHAPE_2D = (48, 48)
 N_PROC = "nnUNet_def_n_proc"  # the engine's worker-process count
 FAST = ["--device", "cpu", "--num-workers", "0", "--quiet"]
@@ -141,7 +141,9 @@ def _interrupt_after_first_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.slow
-def test_train_interrupt_resume_3d(planned_3d: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_train_interrupt_resume_3d(
+    planned_3d: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     args = ["train", "901", "--workdir", str(planned_3d / "work"), "--config", "3d_fullres", "--fold", "0"]
     args += ["--epochs", "2", "--iters-per-epoch", "2", "--val-iters", "1", "--no-val", *FAST]
     _interrupt_after_first_epoch(monkeypatch)
@@ -186,6 +188,17 @@ def test_train_interrupt_resume_3d(planned_3d: Path, monkeypatch: pytest.MonkeyP
 
     net = MedNeXt(in_channels=len(ds["channel_names"]), num_classes=len(ds["labels"]), **arch["arch_kwargs"])
     net.load_state_dict(final["network_weights"])  # strict
+
+    # a k5 run initialised from this k3 checkpoint by UpKern
+    capsys.readouterr()
+    upk = ["train", "901", "--workdir", str(planned_3d / "work"), "--fold", "2", "--kernel", "5"]
+    upk += ["--upkern-from", str(fold / "checkpoint_final.pth"), "--epochs", "1", "--iters-per-epoch", "1"]
+    assert main([*upk, "--val-iters", "0", "--no-val", *FAST]) == 0
+    printed = capsys.readouterr().out
+    assert "UpKern from" in printed and "interpolated" in printed
+    k5 = _results(planned_3d, "Dataset901_Synth", "MedNeXtTrainer_Sk5", "MedNeXtPlans", "3d_fullres")
+    k5_arch = json.loads((k5 / "plans.json").read_text())["configurations"]["3d_fullres"]["architecture"]
+    assert k5_arch["arch_kwargs"]["kernel_sizes"][0] == [5, 5, 5]
 
 
 @pytest.mark.slow

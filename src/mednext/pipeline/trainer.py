@@ -695,11 +695,13 @@ def _run_fold(
         if pretrained:
             from mednext.nn.weights import transfer_weights
 
-            transfer_weights(trainer._unwrapped(), pretrained)
+            report = transfer_weights(trainer._unwrapped(), pretrained)
+            trainer.print_to_log_file(f"initialised from {pretrained}: {report.summary()}")
         if upkern_from:
             from mednext.nn.upkern import upkern
 
-            upkern(trainer._unwrapped(), upkern_from)
+            report = upkern(trainer._unwrapped(), upkern_from)
+            trainer.print_to_log_file(f"UpKern from {upkern_from}: {report.summary()}")
     trainer.run_training()
     if validate:
         trainer.perform_actual_validation(save_probabilities=False)
