@@ -292,17 +292,15 @@ def plan_dataset(
         raise DatasetError(f"unknown configuration(s) {bad or configs}; use {', '.join(SUPPORTED_CONFIGS)}")
     if memory_gb <= 0:
         raise DatasetError(f"--memory-gb must be positive, got {memory_gb}")
-    spec = str(dataset)
-    if os.path.isdir(spec) and (Path(spec) / "dataset.json").exists() or os.sep in spec:
-        from mednext.pipeline.datasets import validate_raw_dataset
+    from mednext.pipeline.datasets import validate_raw_dataset
 
-        validate_raw_dataset(spec)  # check the user's folder before linking it anywhere
+    spec = str(dataset)
+    if (os.path.isdir(spec) and (Path(spec) / "dataset.json").exists()) or os.sep in spec:
+        info = validate_raw_dataset(spec)  # check the user's folder before linking it anywhere
         name = register_dataset(spec)
     else:
         name = resolve_dataset(spec)
-    from mednext.pipeline.datasets import validate_raw_dataset
-
-    info = validate_raw_dataset(Path(str(nnUNet_raw)) / name)
+        info = validate_raw_dataset(Path(str(nnUNet_raw)) / name)
     nproc = num_processes or default_num_processes()
     dataset_id = dataset_id_of(name)
     DatasetFingerprintExtractor(dataset_id, nproc, verbose=verbose).run(overwrite_existing=True)
