@@ -269,3 +269,23 @@ def machine_description(device: str = "cpu") -> str:
     except OSError:
         pass
     return f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+
+
+def write_markdown(path: str | os.PathLike, result: BenchmarkResult, machine: str, command: str) -> None:
+    """Append one result (heading, machine, command, table) to a Markdown file, atomically."""
+    from pathlib import Path
+
+    target = Path(path)
+    old = target.read_text() if target.exists() else "# Benchmarks\n"
+    patch = "x".join(map(str, result.patch))
+    section = (
+        f"\n## MedNeXt-{result.preset} k{result.kernel_size} {result.spatial_dims}D, patch {patch}, batch {result.batch}, "
+        f"{result.device}\n\n- machine: {machine}\n- command: `{command}`\n- median of {result.repeats} interleaved "
+        f"rounds; a training step is forward + deep-supervision CE + backward + AdamW; peak memory is "
+        f"{'max_memory_allocated' if result.device.startswith('cuda') else 'the peak-RSS rise of a fresh process'} "
+        f"during one training step\n\n{result.table()}\n"
+    )
+    tmp = target.with_suffix(target.suffix + ".tmp")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp.write_text(old.rstrip("\n") + "\n" + section)
+    os.replace(tmp, target)

@@ -1,0 +1,41 @@
+"""The benchmark runs all variants on the same weights and refuses to time diverging models."""
+
+import pytest
+import torch
+
+from mednext.benchmark import build_variants, check_parity, write_markdown
+from mednext.cli import main
+
+
+def test_variants_share_weights_and_outputs():
+    models = build_variants("S", 3, 2, 1, 3)
+    x = torch.randn(1, 1, 32, 32)
+    diffs = check_parity(models, x)
+    assert set(diffs) == {"monai", "monai_cl", "ours_plain", "ours"}
+    assert all(v < 1e-5 for v in diffs.values())
+    assert models["ours"].fast_path and not models["ours_plain"].fast_path
+
+
+@pytest.mark.slow
+def test_benchmark_command_writes_table(tmp_path, capsys):
+    out = tmp_path / "bench.md"
+    rc = main(["benchmark", "--dims", "2", "--patch", "32", "--batch", "1", "--repeats", "1", "--no-memory",
+               "--write", str(out)])  # fmt: skip
+    assert rc == 0
+    text = out.read_text()
+    assert "MedNeXt-S k3 2D, patch 32x32, batch 1" in text
+    assert text.count("| mednext (default) |") == 1 and "| MONAI 1.6.1 as shipped | " in text
+
+
+def test_write_markdown_appends(tmp_path):
+    from mednext.benchmark import BenchmarkResult
+
+    r = BenchmarkResult("S", 3, 3, (8, 8, 8), 1, "cpu", 1, 1, {"monai": 0.0, "monai_cl": 0.0})
+    r.train_s = {"monai": [2.0], "monai_cl": [1.0]}
+    r.infer_s = {"monai": [1.0], "monai_cl": [0.5]}
+    path = tmp_path / "b.md"
+    write_markdown(path, r, "test machine", "cmd")
+    write_markdown(path, r, "test machine", "cmd")
+    text = path.read_text()
+    assert text.count("## MedNeXt-S k3 3D") == 2
+    assert "| MONAI 1.6.1, channels_last_3d | 1.000 | 0.50 | 1.00 | 0.500 | 0.50 |" in text
