@@ -36,7 +36,7 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv(N_PROC, "1")
     monkeypatch.setenv("nnUNet_compile", "0")
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # oversubscribed OpenMP threads slow CPU training by up to 10x on shared runners
 
 
 def _plan(root: Path, dataset: Path | str, *extra: str) -> None:
