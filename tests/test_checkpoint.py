@@ -23,6 +23,15 @@ from mednext.nn.checkpoint import (
 )
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared CPU, OpenMP barriers of two threads cost more than they save."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny(**kwargs) -> MedNeXt:
     args = {"spatial_dims": 3, "width": 4, "strides": [(1, 2, 2), (2, 2, 2)], "kernel_sizes": [3, 5, 5, 5, 3]}
     return MedNeXt(2, 3, **(args | kwargs))

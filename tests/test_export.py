@@ -15,6 +15,16 @@ from mednext.nn.export import export_model, run_exported
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared CPU, OpenMP barriers of two threads cost more than they save."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 MODELS = {
     # 2D: three stages (total stride 8), GRN and deep supervision heads (unused in the export)
     "2d": (
@@ -80,6 +90,7 @@ def test_config_travels_with_the_files(tmp_path):
 @pytest.mark.slow
 def test_cli_exports_and_verifies(tmp_path, capsys):
     torch.manual_seed(1)
+    # one input channel, the common CT case (a channel axis of size 1 is also "channels-last")
     model = MedNeXt(1, 2, spatial_dims=3, width=4, strides=(2, 2), deep_supervision=True)
     ckpt = save_checkpoint(model, tmp_path / "model.safetensors")
     for fmt, out in (("onnx", tmp_path / "model.onnx"), ("torchscript", tmp_path / "model.pt")):

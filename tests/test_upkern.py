@@ -13,6 +13,15 @@ from mednext.nn.checkpoint import load_checkpoint, save_checkpoint
 from mednext.nn.weights import ShapeMismatchError
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared CPU, OpenMP barriers of two threads cost more than they save."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def small(kernel: int, dims: int = 3, **kwargs) -> MedNeXt:
     args = {"spatial_dims": dims, "width": 4, "strides": (2, 2), "expansion_ratios": [2, 3, 4, 3, 2]}
     return MedNeXt(1, 2, kernel_sizes=kernel, **(args | kwargs))
