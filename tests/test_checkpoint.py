@@ -141,3 +141,15 @@ def test_plain_data_pickles_load(tmp_path):
     data = safe_torch_load(path)
     assert torch.equal(data["w"], torch.arange(3))
     assert data["loss"] == [0.25, 0.5] and data["hist"].tolist() == [0.0, 0.0]
+
+
+def test_numpy_1_era_pickles_load(tmp_path):
+    # nnU-Net v1 checkpoints were written under numpy 1.x, which names its scalar constructor
+    # numpy.core.multiarray.scalar (numpy 2 writes numpy._core...): both are allowed.
+    path = tmp_path / "old_numpy.model"
+    torch.save({"loss": np.float64(0.25), "w": torch.ones(2)}, path, _use_new_zipfile_serialization=False)
+    raw = path.read_bytes()
+    assert b"numpy._core.multiarray" in raw
+    path.write_bytes(raw.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+    data = safe_torch_load(path)
+    assert data["loss"] == 0.25 and torch.equal(data["w"], torch.ones(2))

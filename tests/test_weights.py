@@ -344,6 +344,9 @@ def test_unknown_layout_names_first_keys():
         load_pretrained(monai_sd)
     with pytest.raises(LayoutError, match=r"hold no state dict"):
         load_pretrained({"epoch": 1, "optimizer": {"lr": 1.0}})
+    gap = {k.replace("down_1.", "down_2."): v for k, v in MedNeXt(1, 2, width=4, strides=(2, 2)).state_dict().items()}
+    with pytest.raises(LayoutError, match=r"down_<i> blocks are numbered \[0, 2\]"):
+        load_pretrained(gap)
 
 
 def test_shape_conflicts_name_tensor_and_both_shapes():

@@ -225,17 +225,19 @@ def _detect(sd: Mapping[str, torch.Tensor], origin: str) -> str:
     )
 
 
-def _stage_count(sd: Mapping[str, torch.Tensor], pattern: str, origin: str) -> int:
-    indices = {int(m.group(1)) for k in sd if (m := re.match(pattern, k))}
+def _stage_count(sd: Mapping[str, torch.Tensor], prefix: str, origin: str) -> int:
+    """Number of ``{prefix}{i}.`` modules (``down_``, ``up_`` or ``down_blocks.``), checking i = 0..n-1."""
+    pattern = re.compile(rf"^{re.escape(prefix)}(\d+)\.")
+    indices = {int(m.group(1)) for k in sd if (m := pattern.match(k))}
     if not indices:
-        raise LayoutError(f"{origin}: no down-sampling blocks ({pattern[1:-7]}...) found, so no stages to build")
+        raise LayoutError(f"{origin}: no {prefix}<i> blocks found, so there are no stages to build")
     if indices != set(range(len(indices))):
-        raise LayoutError(f"{origin}: stage indices {sorted(indices)} of {pattern[1:-7]} are not 0..n-1")
+        raise LayoutError(f"{origin}: {prefix}<i> blocks are numbered {sorted(indices)}; expected 0..n-1")
     return len(indices)
 
 
 def _monai_to_ours(sd: dict[str, torch.Tensor], report: LoadReport) -> dict[str, torch.Tensor]:
-    n = _stage_count(sd, r"^down_blocks\.(\d+)\..*$", report.origin)
+    n = _stage_count(sd, "down_blocks.", report.origin)
     out: dict[str, torch.Tensor] = {}
     unplaced = []
     for key, value in sd.items():
@@ -438,8 +440,8 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], **overrides: Any) -> di
     if spatial_dims not in (2, 3):
         raise ShapeMismatchError(f"tensor 'stem.weight' has shape {tuple(stem.shape)}: neither 2D nor 3D conv weight")
     width, in_channels = int(stem.shape[0]), int(stem.shape[1])
-    n = _stage_count(sd, r"^down_(\d+)\..*$", "the weights")
-    n_up = _stage_count(sd, r"^up_(\d+)\..*$", "the weights")
+    n = _stage_count(sd, "down_", "the weights")
+    n_up = _stage_count(sd, "up_", "the weights")
     if n_up != n:
         raise LayoutError(f"the weights have {n} down blocks but {n_up} up blocks; a MedNeXt has as many of each")
     positions = 2 * n + 1
