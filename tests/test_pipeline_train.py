@@ -3,6 +3,7 @@ bad raw datasets; DDP with two gloo processes. CPU only, no network."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -105,6 +106,31 @@ def test_plan_paper_recipe(planned_3d: Path) -> None:
     (planned_3d / "work/nnUNet_preprocessed/Dataset901_Synth/MedNeXtPlans_paper.json").unlink()
 
 
+@pytest.mark.slow
+def test_auto_recipe_sizes_patch_for_mednext_memory(planned_3d: Path) -> None:
+    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+
+    from mednext.pipeline.planning import MedNeXtPlanner, memory_ratio, total_stride
+    from mednext.pipeline.workdir import use_workdir
+
+    use_workdir(planned_3d / "work")
+    big = (np.array([1.0, 1.0, 1.0]), np.array([320, 320, 320]), "probe", 320.0**3 * 100)
+
+    def volume(planner: ExperimentPlanner) -> tuple[float, dict]:
+        plan = planner.get_plans_for_configuration(*big, {})
+        return float(np.prod(plan["patch_size"]) * plan["batch_size"]), plan
+
+    engine, _ = volume(ExperimentPlanner(901, gpu_memory_target_in_gb=8))
+    ours, plan = volume(MedNeXtPlanner(901, gpu_memory_target_in_gb=8))
+    # the engine's search at 1/ratio of the budget: far fewer voxels per step than its U-Net gets
+    assert ours < engine / (memory_ratio(3) / 2)
+    larger, _ = volume(MedNeXtPlanner(901, gpu_memory_target_in_gb=32))
+    assert larger > ours
+    strides = plan["architecture"]["arch_kwargs"]["strides"]
+    assert all(p % t == 0 for p, t in zip(plan["patch_size"], total_stride(strides), strict=True))
+    assert plan["architecture"]["network_class_name"] == "mednext.nn.MedNeXt"
+
+
 def test_memory_ratio_reflects_checkpointing() -> None:
     from mednext.pipeline.planning import memory_ratio
 
@@ -127,7 +153,10 @@ def test_stage_strides_from_engine() -> None:
 # ----------------------------------------------------------------------------- training
 
 
-def _interrupt_after_first_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
+@contextlib.contextmanager
+def _interrupted_after_first_epoch() -> Iterator[None]:
+    """Within this block training stops with a KeyboardInterrupt once epoch 0's checkpoint is written
+    (as if the user pressed Ctrl-C)."""
     from mednext.pipeline.trainer import MedNeXtTrainer
 
     original = MedNeXtTrainer.on_epoch_end
@@ -135,22 +164,22 @@ def _interrupt_after_first_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
     def on_epoch_end(self: MedNeXtTrainer) -> None:
         original(self)
         if self.current_epoch == 1:
-            raise KeyboardInterrupt  # as if the user pressed Ctrl-C after epoch 0's checkpoint
+            raise KeyboardInterrupt
 
-    monkeypatch.setattr(MedNeXtTrainer, "on_epoch_end", on_epoch_end)
+    MedNeXtTrainer.on_epoch_end = on_epoch_end
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        MedNeXtTrainer.on_epoch_end = original
 
 
 @pytest.mark.slow
-def test_train_interrupt_resume_3d(
-    planned_3d: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_train_interrupt_resume_3d(planned_3d: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = ["train", "901", "--workdir", str(planned_3d / "work"), "--config", "3d_fullres", "--fold", "0"]
     args += ["--epochs", "2", "--iters-per-epoch", "2", "--val-iters", "1", "--no-val", *FAST]
-    _interrupt_after_first_epoch(monkeypatch)
-    with pytest.raises(KeyboardInterrupt):
+    with _interrupted_after_first_epoch():
         main(args)
-    monkeypatch.undo()
-    monkeypatch.setenv(N_PROC, "1")
     out = _results(planned_3d, "Dataset901_Synth", "MedNeXtTrainer_Sk3", "MedNeXtPlans", "3d_fullres")
     fold = out / "fold_0"
     latest = torch.load(fold / "checkpoint_latest.pth", weights_only=True)
@@ -202,7 +231,7 @@ def test_train_interrupt_resume_3d(
 
 
 @pytest.mark.slow
-def test_train_2d_with_validation_and_other_preset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_train_2d_resume_validation_other_preset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as engine_trainer
 
     monkeypatch.setattr(engine_trainer, "default_num_processes", 1)  # export pool of the final validation
@@ -210,10 +239,19 @@ def test_train_2d_with_validation_and_other_preset(tmp_path: Path, monkeypatch: 
     _plan(tmp_path, src, "--configs", "2d,3d_fullres")  # 3d_fullres is skipped for 2D data
     plans = json.loads((tmp_path / "work/nnUNet_preprocessed/Dataset902_Flat/MedNeXtPlans.json").read_text())
     assert set(plans["configurations"]) == {"2d"}
+    from mednext.pipeline.planning import MedNeXtPaperPlanner
+
+    paper = MedNeXtPaperPlanner(902).plan_experiment()["configurations"]["2d"]
+    assert paper["patch_size"] == [512, 512] and paper["spacing"] == [1.0, 1.0] and paper["batch_size"] == 2
+    (tmp_path / "work/nnUNet_preprocessed/Dataset902_Flat/MedNeXtPlans_paper.json").unlink()
+
     args = ["train", "Dataset902_Flat", "--workdir", str(tmp_path / "work"), "--config", "2d", "--fold", "all"]
-    args += ["--model", "B", "--kernel", "5", "--epochs", "1", "--iters-per-epoch", "2", "--val-iters", "1", *FAST]
-    assert main(args) == 0
+    args += ["--model", "B", "--kernel", "5", "--epochs", "2", "--iters-per-epoch", "2", "--val-iters", "1", *FAST]
+    with _interrupted_after_first_epoch():
+        main(args)
     out = _results(tmp_path, "Dataset902_Flat", "MedNeXtTrainer_Bk5", "MedNeXtPlans", "2d")
+    assert torch.load(out / "fold_all" / "checkpoint_latest.pth", weights_only=True)["current_epoch"] == 1
+    assert main([*args, "--resume"]) == 0
     ckpt = torch.load(out / "fold_all" / "checkpoint_final.pth", weights_only=True)
     arch = json.loads((out / "plans.json").read_text())["configurations"]["2d"]["architecture"]["arch_kwargs"]
     assert arch["spatial_dims"] == 2 and arch["kernel_sizes"][0] == [5, 5]
