@@ -23,9 +23,7 @@ LABELS = {"background": 0, "ball": 1, "box": 2}
 SPACING_3D = (2.0, 1.0, 1.0)  # (z, y, x) in mm, numpy axis order
 
 
-def make_case(
-    shape: Sequence[int], rng: np.random.Generator, num_channels: int = 1
-) -> tuple[np.ndarray, np.ndarray]:
+def make_case(shape: Sequence[int], rng: np.random.Generator, num_channels: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """One synthetic case: images of shape ``(num_channels, *shape)`` float32 and a uint8 label map
     of ``shape`` with values 0, 1, 2 (both foreground classes always present)."""
     shape = tuple(int(s) for s in shape)
@@ -107,9 +105,7 @@ def make_dataset(
     return folder
 
 
-def write_image(
-    path: Path, array: np.ndarray, spatial_dims: int, spacing: Sequence[float] | None = None
-) -> None:
+def write_image(path: Path, array: np.ndarray, spatial_dims: int, spacing: Sequence[float] | None = None) -> None:
     """Write one image/label array (numpy axis order) as the dataset's file type."""
     if spatial_dims == 3:
         import SimpleITK as sitk
