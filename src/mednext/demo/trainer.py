@@ -1,0 +1,197 @@
+"""Trainers for ``mednext demo``: a wall-clock budget and a contrast-enhancement augmentation.
+
+* :class:`TimeBudgetMixin` replaces the engine's fixed epoch loop by one that fits a time budget.
+  The first epoch runs with a provisional epoch count; after every epoch the measured duration of
+  the last epoch sets how many epochs are left (``floor(remaining / epoch_time)``), and the poly
+  learning-rate schedule is re-targeted to that total, so the schedule ends (learning rate near 0)
+  when the budget ends. When an epoch overruns the budget, training stops after it.
+* :func:`simulate_contrast_enhancement` raises the intensity of soft tissue, per training label,
+  by random amounts in Hounsfield units, so a network trained on a non-contrast CT sees organs as
+  bright as on a contrast-enhanced (portal-venous) CT. It runs on the normalised batch, on the
+  training labels, and clips to the plans' CT window.
+* :class:`MedNeXtDemoTrainer` is the pipeline's :class:`~mednext.pipeline.trainer.MedNeXtTrainer`
+  (the reference recipe) with both; :class:`NnUNetBudgetTrainer` is the engine's own
+  ``nnUNetTrainer`` (its recipe unchanged) with the time budget only, for ``--compare nnunet``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from mednext.pipeline.trainer import MedNeXtTrainer, trainer_class_name
+
+# Enhancement ranges (HU added, drawn uniformly from [0, max]) per demo label name. The held-out
+# patient's organs are brighter than the training patient's by about: liver +45, spleen +47,
+# aorta +135 HU (docs/demo-data.md); the ranges cover these with margin. "background" applies to
+# background soft tissue (muscle, vessels, bowel wall), not to fat, air or bone.
+ENHANCEMENT_HU: dict[str, float] = {
+    "liver": 80.0,
+    "spleen": 90.0,
+    "stomach": 50.0,
+    "aorta": 260.0,
+    "kidney": 200.0,
+    "background": 40.0,
+}
+SOFT_TISSUE_HU = (-100.0, 150.0)  # only voxels in this range are enhanced (no fat, air or bone)
+
+
+def simulate_contrast_enhancement(
+    data: torch.Tensor,
+    target: torch.Tensor,
+    labels: Mapping[str, int],
+    mean: float,
+    std: float,
+    window: tuple[float, float],
+    max_shift_hu: Mapping[str, float] = ENHANCEMENT_HU,
+    probability: float = 0.8,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Return ``data`` (normalised CT, ``(B, 1, *spatial)``) with soft tissue brightened per label.
+
+    ``target`` holds the labels of the same batch (``(B, 1, *spatial)``). Each sample is enhanced with
+    ``probability``; each label (and background soft tissue) gets its own shift drawn from
+    ``[0, max_shift_hu[name]]`` HU. Voxels outside :data:`SOFT_TISSUE_HU` are left alone. The result
+    is clipped to ``window`` (HU), the range the plans' CT normalisation clips to."""
+    if data.shape[1] != 1:
+        raise ValueError(f"contrast enhancement expects one CT channel, got {data.shape[1]}")
+    hu = data * std + mean
+    soft = (hu > SOFT_TISSUE_HU[0]) & (hu < SOFT_TISSUE_HU[1])
+    label = target.to(torch.long)
+    shift = torch.zeros_like(hu)
+    names = {0: "background", **{int(v): k for k, v in labels.items() if k != "background"}}
+    for b in range(data.shape[0]):
+        if torch.rand((), generator=generator).item() >= probability:
+            continue
+        for value, name in names.items():
+            top = max_shift_hu.get(name, 0.0)
+            if top <= 0:
+                continue
+            amount = float(torch.rand((), generator=generator).item()) * top
+            shift[b][label[b] == value] = amount
+    hu = torch.where(soft, hu + shift, hu).clamp(window[0], window[1])
+    return ((hu - mean) / std).to(data.dtype)
+
+
+class TimeBudgetMixin:
+    """An epoch loop that fits ``budget_s`` seconds of training (see the module docstring)."""
+
+    budget_s: float = 600.0
+    provisional_epochs: int = 1000
+    max_epochs: int | None = None  # optional cap on top of the budget
+    show_progress: bool = True
+
+    def print_to_log_file(self, *args: object, also_print_to_console: bool = True, add_timestamp: bool = True) -> None:
+        # the engine's log file keeps everything; the terminal gets the demo's own progress lines
+        super().print_to_log_file(*args, also_print_to_console=False, add_timestamp=add_timestamp)
+
+    def run_training(self) -> None:  # noqa: C901 (one loop, the engine's hooks in order)
+        from tqdm import tqdm
+
+        self.num_epochs = max(self.num_epochs, self.current_epoch + 1)
+        self.on_train_start()
+        start = time.perf_counter()
+        self.budget_log: list[dict[str, float]] = []
+        while self.current_epoch < self.num_epochs:
+            epoch_start = time.perf_counter()
+            self.on_epoch_start()
+            self.on_train_epoch_start()
+            outputs = []
+            bar = tqdm(
+                total=self.num_iterations_per_epoch,
+                desc=f"epoch {self.current_epoch + 1}/{self.num_epochs}",
+                leave=False,
+                dynamic_ncols=True,
+                disable=not self.show_progress,
+            )
+            for _ in range(self.num_iterations_per_epoch):
+                outputs.append(self.train_step(next(self.dataloader_train)))
+                left = max(0.0, self.budget_s - (time.perf_counter() - start))
+                bar.set_postfix_str(f"loss {float(outputs[-1]['loss']):.4f} budget left {left:.0f} s", refresh=False)
+                bar.update(1)
+            bar.close()
+            self.on_train_epoch_end(outputs)
+            with torch.no_grad():
+                self.on_validation_epoch_start()
+                val = [
+                    self.validation_step(next(self.dataloader_val)) for _ in range(self.num_val_iterations_per_epoch)
+                ]
+                self.on_validation_epoch_end(val)
+            self.on_epoch_end()  # increments current_epoch
+            now = time.perf_counter()
+            epoch_time = now - epoch_start
+            remaining = self.budget_s - (now - start)
+            more = int(remaining // epoch_time) if remaining > 0 else 0
+            self.num_epochs = self.current_epoch + more
+            if self.max_epochs is not None:
+                self.num_epochs = min(self.num_epochs, self.max_epochs)
+                more = self.num_epochs - self.current_epoch
+            if more > 0:
+                self.lr_scheduler.max_steps = self.num_epochs  # poly schedule ends with the budget
+            self.budget_log.append(
+                {
+                    "epoch": self.current_epoch,
+                    "epoch_time_s": epoch_time,
+                    "elapsed_s": now - start,
+                    "planned_epochs": self.num_epochs,
+                }
+            )
+            if self.show_progress:
+                print(
+                    f"  epoch {self.current_epoch}: {epoch_time:.1f} s "
+                    f"({epoch_time / self.num_iterations_per_epoch:.2f} s/iteration incl. validation), "
+                    f"loss {float(self.logger.get_value('train_losses', step=-1)):.4f}, "
+                    f"{now - start:.0f}/{self.budget_s:.0f} s used -> {self.num_epochs} epochs in all",
+                    flush=True,
+                )
+        self.on_train_end()
+
+
+class MedNeXtDemoTrainer(TimeBudgetMixin, MedNeXtTrainer):
+    """MedNeXt's reference recipe, time-budgeted, with the contrast-enhancement augmentation."""
+
+    enhancement_probability = 0.8
+
+    def train_step(self, batch: dict) -> dict:
+        target = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
+        props = self.plans_manager.foreground_intensity_properties_per_channel["0"]
+        window = (float(props["percentile_00_5"]), float(props["percentile_99_5"]))
+        batch = dict(batch)
+        batch["data"] = simulate_contrast_enhancement(
+            batch["data"],
+            target,
+            self.dataset_json["labels"],
+            float(props["mean"]),
+            float(props["std"]),
+            window,
+            probability=self.enhancement_probability,
+        )
+        return super().train_step(batch)
+
+
+class NnUNetBudgetTrainer(TimeBudgetMixin, nnUNetTrainer):
+    """The engine's default trainer and recipe, time-budgeted (``--compare nnunet``)."""
+
+
+def demo_trainer_class(preset: str, kernel: int, budget_s: float, show_progress: bool = True) -> type:
+    """A :class:`MedNeXtDemoTrainer` subclass for ``preset``/``kernel`` with ``budget_s`` seconds.
+
+    Its name, ``MedNeXtTrainer_<P>k<K>_demo``, keeps the pipeline's naming, so ``mednext predict``
+    finds the results folder by ``--model``/``--kernel``."""
+    base = trainer_class_name(preset.upper(), int(kernel))
+    attrs = {
+        "preset": preset.upper(),
+        "kernel_size": int(kernel),
+        "budget_s": float(budget_s),
+        "show_progress": show_progress,
+        "__module__": __name__,
+    }
+    return type(f"{base}_demo", (MedNeXtDemoTrainer,), attrs)
+
+
+def nnunet_budget_trainer_class(budget_s: float, show_progress: bool = True) -> type:
+    attrs = {"budget_s": float(budget_s), "show_progress": show_progress, "__module__": __name__}
+    return type("nnUNetTrainer_demoBudget", (NnUNetBudgetTrainer,), attrs)
