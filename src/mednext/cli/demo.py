@@ -27,8 +27,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", type=Path, default=Path("mednext_demo"), help="output folder (default ./mednext_demo)")
     p.add_argument(
-        "--minutes", type=_minutes, default=None, help="training time budget in minutes (default 12; set-up and "
-        "prediction come on top, about 5-8 min on a 2-core CPU)",
+        "--minutes", type=_minutes, default=None, help="training time budget in minutes (default 15; set-up and "
+        "prediction add about 2-4 min on a 2-core CPU)",
     )  # fmt: skip
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
     p.add_argument("--model", choices=("S", "B", "M", "L"), type=str.upper, default="S", help="preset (default S)")
