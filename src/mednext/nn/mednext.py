@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from mednext.nn import ops
+
 __all__ = [
     "ChannelsFirstLayerNorm",
     "GlobalResponseNorm",
@@ -53,8 +55,9 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
 
 
 def is_channels_last(x: torch.Tensor) -> bool:
-    """True when the channel axis is innermost, so (N, *spatial, C) is a free view."""
-    return x.movedim(1, -1).is_contiguous()
+    """True when the channel axis is innermost, so (N, *spatial, C) is a free view. A one-channel
+    tensor fits both layouts and counts as plain, so the layout alone selects the path."""
+    return x.shape[1] > 1 and x.movedim(1, -1).is_contiguous()
 
 
 def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -152,7 +155,7 @@ class MedNeXtBlock(nn.Module):
         kernel = _as_tuple(kernel_size, spatial_dims, "kernel_size")
         conv = _CONV[spatial_dims]
         self.residual = residual
-        self.conv1 = self._depthwise(in_channels, kernel, spatial_dims)
+        self.conv1 = self._depthwise_conv(in_channels, kernel, spatial_dims)
         if norm == "group":
             self.norm: nn.Module = nn.GroupNorm(num_groups=in_channels, num_channels=in_channels)
         elif norm == "layer":
@@ -170,12 +173,28 @@ class MedNeXtBlock(nn.Module):
         self.conv3 = conv(hidden, out_channels, kernel_size=1)
 
     @staticmethod
-    def _depthwise(channels: int, kernel: tuple[int, ...], spatial_dims: int) -> nn.Module:
+    def _depthwise_conv(channels: int, kernel: tuple[int, ...], spatial_dims: int) -> nn.Module:
         padding = tuple(k // 2 for k in kernel)
         return _CONV[spatial_dims](channels, channels, kernel, stride=1, padding=padding, groups=channels)
 
+    def _depthwise(self, x: torch.Tensor) -> torch.Tensor:
+        """``conv1``; on channels-last input through the fast kernels of :mod:`mednext.nn.ops`."""
+        if not is_channels_last(x):
+            return self.conv1(x)
+        conv = self.conv1
+        if isinstance(conv, nn.modules.conv._ConvTransposeNd):
+            return ops.depthwise_conv_transpose(x, conv.weight, conv.bias, conv.stride)
+        if any(s > 1 for s in conv.stride):
+            return ops.depthwise_conv_strided(x, conv.weight, conv.bias, conv.stride)
+        return ops.depthwise_conv(x, conv.weight, conv.bias)
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.norm, nn.GroupNorm) and is_channels_last(x):
+            return ops.channel_group_norm(x, self.norm.weight, self.norm.bias, self.norm.eps)
+        return self.norm(x)
+
     def _branch(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.act(conv1x1(self.conv2, self.norm(self.conv1(x))))
+        y = self.act(conv1x1(self.conv2, self._normalise(self._depthwise(x))))
         if self.grn:
             y = global_response_norm(y, self.grn_gamma, self.grn_beta)
         return conv1x1(self.conv3, y)
@@ -586,7 +605,7 @@ class MedNeXt(nn.Module):
         if fast:
             x = channels_last(x)  # every block then takes its GEMM / channels-last path
         n = self.num_stages
-        x = conv1x1(self.stem, x)
+        x = pointwise(x, self.stem.weight.flatten(1), self.stem.bias) if fast else self.stem(x)
         skips = []
         for i in range(n):
             x = self._run_stage(getattr(self, f"enc_block_{i}"), x)
