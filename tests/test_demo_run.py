@@ -1,0 +1,271 @@
+"""``mednext demo``: the contrast augmentation, the time budget, the CT window, and a shortened run end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mednext.demo import trainer as demo_trainer
+from mednext.demo.run import DemoSettings, dice_table, run_demo, set_ct_window
+from mednext.demo.trainer import SOFT_TISSUE_HU, TimeBudgetMixin, simulate_contrast_enhancement
+
+LABELS = {"background": 0, "liver": 1, "spleen": 2, "stomach": 3, "aorta": 4, "kidney": 5}
+CLASSES = ["liver", "spleen", "stomach", "aorta", "kidney"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+# ----------------------------------------------------------------------------- contrast augmentation
+
+
+def _batch(mean: float, std: float) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    hu = np.full((3, 1, 6, 8), 40.0, dtype=np.float32)  # soft tissue everywhere
+    hu[:, :, 0, :] = -120.0  # fat: never enhanced
+    hu[:, :, 5, :] = 600.0  # bone: never enhanced (and clipped by the window)
+    seg = np.zeros((3, 1, 6, 8), dtype=np.int64)
+    seg[:, :, 1, :] = 1  # liver
+    seg[:, :, 2, :] = 2  # spleen
+    seg[:, :, 3, :4] = 4  # aorta
+    return torch.from_numpy((hu - mean) / std), torch.from_numpy(seg), hu
+
+
+def test_contrast_enhancement_shifts_each_label_within_its_range() -> None:
+    mean, std, window = 33.0, 60.0, (-200.0, 250.0)
+    data, seg, hu = _batch(mean, std)
+    gen = torch.Generator().manual_seed(0)
+    out = simulate_contrast_enhancement(data, seg, LABELS, mean, std, window, probability=1.0, generator=gen)
+    out_hu = out.numpy() * std + mean
+    assert out.dtype == data.dtype and out.shape == data.shape
+    clipped = np.clip(hu, *window)
+    np.testing.assert_allclose(out_hu[:, :, 0, :], clipped[:, :, 0, :], atol=1e-3)  # fat unchanged
+    np.testing.assert_allclose(out_hu[:, :, 5, :], 250.0, atol=1e-3)  # bone: clipped, not shifted
+    for b in range(3):
+        for value, top in ((1, demo_trainer.ENHANCEMENT_HU["liver"]), (2, demo_trainer.ENHANCEMENT_HU["spleen"])):
+            region = out_hu[b, 0][seg[b, 0].numpy() == value]
+            shift = region - 40.0
+            assert np.allclose(shift, shift[0], atol=1e-3), "one shift per label and sample"
+            assert 0.0 <= shift[0] <= top + 1e-3
+        aorta = out_hu[b, 0][seg[b, 0].numpy() == 4]
+        assert np.all(aorta <= window[1] + 1e-3) and np.all(aorta >= 40.0 - 1e-3)
+    # independent draws: the liver shifts differ between samples
+    liver = [float(out_hu[b, 0, 1, 0]) for b in range(3)]
+    assert len({round(v, 2) for v in liver}) == 3
+
+
+def test_contrast_enhancement_probability_zero_only_clips() -> None:
+    mean, std, window = 33.0, 60.0, (-200.0, 250.0)
+    data, seg, hu = _batch(mean, std)
+    out = simulate_contrast_enhancement(data, seg, LABELS, mean, std, window, probability=0.0)
+    np.testing.assert_allclose(out.numpy() * std + mean, np.clip(hu, *window), atol=1e-3)
+
+
+def test_contrast_enhancement_leaves_non_soft_tissue() -> None:
+    assert SOFT_TISSUE_HU[0] < 0 < SOFT_TISSUE_HU[1]
+    data = torch.full((1, 2, 4, 4), 0.0)
+    with pytest.raises(ValueError, match="one CT channel"):
+        simulate_contrast_enhancement(data, torch.zeros(1, 1, 4, 4), LABELS, 0.0, 1.0, (-1.0, 1.0))
+
+
+# ----------------------------------------------------------------------------- time budget
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+class _Logger:
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def get_value(self, key: str, step: int) -> float:
+        return self.losses[step]
+
+
+class _Scheduler:
+    max_steps = 1000
+
+
+class _FakeEngine:
+    """The engine hooks the budget loop calls; each training step costs 2 s, validation 1 s per epoch."""
+
+    def __init__(self, clock: _Clock) -> None:
+        self.clock = clock
+        self.current_epoch = 0
+        self.num_epochs = 1000
+        self.num_iterations_per_epoch = 5
+        self.num_val_iterations_per_epoch = 1
+        self.logger = _Logger()
+        self.lr_scheduler = _Scheduler()
+        self.dataloader_train = iter(range(10**6))
+        self.dataloader_val = iter(range(10**6))
+        self.events: list[str] = []
+
+    def on_train_start(self) -> None:
+        self.events.append("start")
+
+    def on_epoch_start(self) -> None:
+        pass
+
+    def on_train_epoch_start(self) -> None:
+        assert self.current_epoch < self.lr_scheduler.max_steps, "poly schedule would go past its end"
+
+    def train_step(self, batch: int) -> dict:
+        self.clock.now += 2.0
+        return {"loss": 1.0 / (1 + batch)}
+
+    def on_train_epoch_end(self, outputs: list) -> None:
+        self.logger.losses.append(float(np.mean([o["loss"] for o in outputs])))
+
+    def on_validation_epoch_start(self) -> None:
+        pass
+
+    def validation_step(self, batch: int) -> dict:
+        self.clock.now += 1.0
+        return {}
+
+    def on_validation_epoch_end(self, outputs: list) -> None:
+        pass
+
+    def on_epoch_end(self) -> None:
+        self.current_epoch += 1
+
+    def on_train_end(self) -> None:
+        self.events.append("end")
+
+
+class _BudgetedFake(TimeBudgetMixin, _FakeEngine):
+    show_progress = False
+
+
+@pytest.mark.parametrize(
+    ("budget", "cap", "epochs"), [(110.0, None, 10), (34.0, None, 3), (5.0, None, 1), (110.0, 4, 4)]
+)
+def test_time_budget_sets_epochs_and_schedule(monkeypatch, budget: float, cap: int | None, epochs: int) -> None:
+    clock = _Clock()
+    monkeypatch.setattr(demo_trainer.time, "perf_counter", clock.perf_counter)
+    t = _BudgetedFake(clock)
+    t.budget_s, t.max_epochs = budget, cap
+    t.run_training()
+    # 11 s per epoch: floor(budget / 11) epochs (at least the first), never more than the cap
+    assert t.current_epoch == epochs
+    assert t.events == ["start", "end"]
+    assert len(t.budget_log) == epochs
+    assert t.budget_log[0]["planned_epochs"] == (min(cap, int(budget // 11)) if cap else max(1, int(budget // 11)))
+    assert clock.now <= max(budget, 11.0)
+    if epochs > 1:
+        assert t.lr_scheduler.max_steps == epochs
+
+
+# ----------------------------------------------------------------------------- plans and table
+
+
+def test_set_ct_window_rewrites_clip_range_and_keeps_fingerprint(tmp_path: Path) -> None:
+    plans = {
+        "foreground_intensity_properties_per_channel": {
+            "0": {"mean": 32.9, "std": 59.5, "percentile_00_5": -171.0, "percentile_99_5": 79.0}
+        }
+    }
+    path = tmp_path / "plans.json"
+    path.write_text(json.dumps(plans))
+    set_ct_window(path, (-200, 250))
+    new = json.loads(path.read_text())
+    props = new["foreground_intensity_properties_per_channel"]["0"]
+    assert (props["percentile_00_5"], props["percentile_99_5"]) == (-200.0, 250.0)
+    assert (props["mean"], props["std"]) == (32.9, 59.5)
+    assert new["mednext_fingerprint_window"] == {"0": [-171.0, 79.0]}
+    set_ct_window(path, (-100, 300))  # a second call keeps the original fingerprint window
+    assert json.loads(path.read_text())["mednext_fingerprint_window"] == {"0": [-171.0, 79.0]}
+    with pytest.raises(ValueError, match="lower bound"):
+        set_ct_window(path, (100, 100))
+
+
+def test_dice_table_side_by_side() -> None:
+    text = dice_table({"A": {"liver": 0.9, "kidney": None}, "B": {"liver": 0.5, "kidney": 0.0}})
+    lines = text.splitlines()
+    assert lines[0].split() == ["class", "A", "B"]
+    assert lines[1].split() == ["liver", "0.900", "0.500"]
+    assert lines[2].split() == ["kidney", "-", "0.000"]
+    assert lines[3].split() == ["mean", "0.900", "0.250"]
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float | None:
+    total = int(a.sum() + b.sum())
+    return None if total == 0 else 2.0 * int((a & b).sum()) / total
+
+
+@pytest.mark.slow
+def test_shortened_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import matplotlib.image as mpimg
+    import SimpleITK as sitk
+
+    out = tmp_path / "demo"
+    settings = DemoSettings(
+        out=out, minutes=1.0, device="cpu", iters_per_epoch=2, val_iters=1, max_epochs=1, tta=False, compare="nnunet"
+    )
+    metrics = run_demo(settings)
+    printed = capsys.readouterr().out
+
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk == json.loads(json.dumps(metrics))
+    assert list(on_disk["dice"]) == CLASSES
+    assert list(on_disk["nnunet"]["dice"]) == CLASSES
+    assert on_disk["training"]["epochs"] == 1 and on_disk["training"]["iterations"] == 2
+    assert len(on_disk["training"]["budget_log"]) == 1
+    assert on_disk["model"]["configuration"] == "2d"
+    assert on_disk["model"]["ct_window_hu"] == [-200.0, 250.0]
+
+    # the segmentation is on the held-out series' exact grid and its Dice values are what metrics.json says
+    raw = out / "work" / "nnUNet_raw" / "Dataset990_MedNeXtDemo"
+    image = sitk.ReadImage(str(raw / "imagesTs" / "demo_heldout_0000.nii.gz"))
+    ref_img = sitk.ReadImage(str(raw / "labelsTs" / "demo_heldout.nii.gz"))
+    for key, seg_path in (("dice", out / "segmentation.nii.gz"), ("nnunet", out / "segmentation_nnunet.nii.gz")):
+        seg_img = sitk.ReadImage(str(seg_path))
+        assert seg_img.GetSize() == image.GetSize() == (512, 512, 20)
+        assert np.allclose(seg_img.GetSpacing(), image.GetSpacing())
+        assert np.allclose(seg_img.GetOrigin(), image.GetOrigin())
+        assert np.allclose(seg_img.GetDirection(), image.GetDirection())
+        seg, ref = sitk.GetArrayFromImage(seg_img), sitk.GetArrayFromImage(ref_img)
+        assert set(np.unique(seg).tolist()) <= set(LABELS.values())
+        dice = on_disk["dice"] if key == "dice" else on_disk["nnunet"]["dice"]
+        for name in CLASSES:
+            expected = _dice(seg == LABELS[name], ref == LABELS[name])
+            if expected is None:
+                assert dice[name] is None
+            else:
+                assert dice[name] == pytest.approx(expected, abs=1e-4)
+    # the held-out slab holds no kidney: its score is null unless kidney was predicted, then 0
+    kidney_predicted = on_disk["voxels"]["kidney"]["prediction"]
+    assert on_disk["voxels"]["kidney"]["reference"] == 0
+    assert on_disk["dice"]["kidney"] == (0.0 if kidney_predicted else None)
+
+    for name in ("overlay_axial.png", "overlay_coronal.png", "training_curve.png"):
+        picture = mpimg.imread(out / name)
+        assert picture.ndim == 3 and picture.shape[0] > 100 and picture.shape[1] > 300, name
+        assert float(picture[..., :3].std()) > 0.01, f"{name} is blank"
+
+    results = Path(on_disk["files"]["results_folder"])
+    assert (results / "checkpoint_final.pth").is_file()
+    log = json.loads((results / "training_log.json").read_text())
+    assert log["trainer"] == "MedNeXtTrainer_Sk3_demo" and len(log["epochs"]) == 1
+
+    header = next(line for line in printed.splitlines() if line.startswith("class"))
+    assert "MedNeXt-S k3" in header and "nnU-Net 2d" in header
+    for name in CLASSES:
+        assert any(line.split()[:1] == [name] for line in printed.splitlines()), name
