@@ -372,23 +372,43 @@ def save_overlays(
     panels = {"reference": ref, **preds}
     handles = [Patch(color=LABEL_COLOURS[(v - 1) % len(LABEL_COLOURS)], label=k) for k, v in fg.items()]
     for view, (cut, aspect, title) in views.items():
-        rows, cols = cut(ct).shape
-        height = max(1.2, 4.2 * rows * aspect / cols)
-        fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), height + 1.4), squeeze=False)
-        for ax, (name, seg) in zip(axes[0], panels.items(), strict=True):
-            ax.imshow(cut(ct), cmap="gray", vmin=window_hu[0], vmax=window_hu[1], aspect=aspect,
-                      interpolation="nearest")  # fmt: skip
-            lab = np.ma.masked_equal(cut(seg), 0)
-            ax.imshow(lab, cmap=cmap, vmin=0, vmax=top, alpha=0.45, aspect=aspect, interpolation="nearest")
-            ax.set_title(name)
-            ax.axis("off")
-        fig.suptitle(f"held-out patient, {title}")
-        fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, bbox_to_anchor=(0.5, -0.02))
-        path = out / f"overlay_{view}.png"
-        _save_figure(fig, path)
-        plt.close(fig)
-        written.append(path)
+        with plt.style.context("default"):  # the engine's progress plot changes the global style (seaborn)
+            written.append(
+                _overlay_figure(
+                    plt, cut, ct, panels, cmap, top, aspect, window_hu, title, handles, out / f"overlay_{view}.png"
+                )
+            )
     return written
+
+
+def _overlay_figure(
+    plt: Any,
+    cut: Callable,
+    ct: np.ndarray,
+    panels: Mapping[str, np.ndarray],
+    cmap: Any,
+    top: int,
+    aspect: float,
+    window_hu: tuple[float, float],
+    title: str,
+    handles: list,
+    path: Path,
+) -> Path:
+    rows, cols = cut(ct).shape
+    height = max(1.2, 4.2 * rows * aspect / cols)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), height + 1.4), squeeze=False)
+    for ax, (name, seg) in zip(axes[0], panels.items(), strict=True):
+        ax.imshow(cut(ct), cmap="gray", vmin=window_hu[0], vmax=window_hu[1], aspect=aspect,
+                  interpolation="nearest")  # fmt: skip
+        lab = np.ma.masked_equal(cut(seg), 0)
+        ax.imshow(lab, cmap=cmap, vmin=0, vmax=top, alpha=0.45, aspect=aspect, interpolation="nearest")
+        ax.set_title(name)
+        ax.axis("off")
+    fig.suptitle(f"held-out patient, {title}")
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, bbox_to_anchor=(0.5, -0.02))
+    _save_figure(fig, path)
+    plt.close(fig)
+    return path
 
 
 def save_training_curve(curves: Mapping[str, Mapping[str, list[float]]], iters_per_epoch: int, path: Path) -> Path:
@@ -398,6 +418,11 @@ def save_training_curve(curves: Mapping[str, Mapping[str, list[float]]], iters_p
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    with plt.style.context("default"):  # the engine's progress plot changes the global style (seaborn)
+        return _curve_figure(plt, curves, iters_per_epoch, path)
+
+
+def _curve_figure(plt: Any, curves: Mapping[str, Mapping[str, list[float]]], iters_per_epoch: int, path: Path) -> Path:
     fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(10, 4))
     for name, curve in curves.items():
         x = [(i + 1) * iters_per_epoch for i in range(len(curve["train_loss"]))]
