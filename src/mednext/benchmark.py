@@ -149,7 +149,7 @@ class BenchmarkResult:
         lines = [head, "|" + "---|" * 8]
         for v in VARIANTS:
             if v not in self.train_s:
-                continue
+                continue  # variant not run
             tr, inf = self.median("train_s", v), self.median("infer_s", v)
             lines.append(
                 f"| {LABELS[v]} | {tr:.3f} | {tr / self.median('train_s', base):.2f} | "
@@ -161,7 +161,7 @@ class BenchmarkResult:
 
 def _memory_worker(spec: dict[str, Any]) -> float:
     """Peak RSS rise of one training step of one variant, in a fresh process."""
-    import resource
+    from mednext.summary import peak_rss_rise
 
     torch.set_num_threads(spec["threads"])
     models = build_variants(spec["preset"], spec["kernel"], spec["dims"], 1, spec["classes"])
@@ -170,10 +170,7 @@ def _memory_worker(spec: dict[str, Any]) -> float:
     x = _prepare_input(model, torch.randn(spec["batch"], 1, *spec["patch"]))
     target = torch.randint(0, spec["classes"], (spec["batch"], *spec["patch"]))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=3e-5, eps=1e-4)
-    with open("/proc/self/statm") as f:
-        before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    training_step(model, x, target, opt)
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / 2**20
+    return peak_rss_rise(lambda: training_step(model, x, target, opt)) / 2**20
 
 
 def _measure_memory(spec: dict[str, Any], device: torch.device, model: nn.Module, x, target) -> float:

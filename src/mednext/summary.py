@@ -100,6 +100,7 @@ def summarize(model: MedNeXt, input_size: Sequence[int], *, preset: str | None =
     with torch.device("meta"):
         meta = MedNeXt(**{**model.config, "grad_checkpointing": False})
     meta.eval()
+    meta.set_fast_path(False)  # count the conv modules themselves; the fast path computes the same convs
     x = torch.empty((1, model.in_channels, *size), device="meta")
     meta.check_input(x)
     macs: dict[nn.Module, int] = {}
@@ -169,16 +170,44 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _memory_worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """Runs in a fresh process so that the peak RSS belongs to this one step only."""
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (Linux >= 4.0), so imports before a step cannot hide its peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def peak_rss_rise(step: Any) -> int:
+    """Bytes by which the resident set peaks above its size before ``step()`` runs."""
+    before = _rss_bytes()
+    if not _reset_peak_rss():
+        before = max(before, _peak_rss_bytes())
+    step()
+    return _peak_rss_bytes() - before
+
+
+def _memory_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Runs in a fresh process so that the peak RSS belongs to this one step only."""
     torch.manual_seed(0)
     model = MedNeXt(**spec["config"])
-    before = _rss_bytes()
-    _training_step(model, spec["batch"], spec["patch"], torch.device("cpu"))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    return {"peak_bytes": peak - before}
+    rise = peak_rss_rise(lambda: _training_step(model, spec["batch"], spec["patch"], torch.device("cpu")))
+    return {"peak_bytes": rise}
 
 
 def training_step_memory(

@@ -14,6 +14,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds; the median is reported (default 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed training steps per variant first (default 1)")
+    p.add_argument(
+        "--variants", nargs="+", default=None, help="subset of monai monai_cl ours_plain ours (default: all four)"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--write", metavar="MD", default=None, help="append the table to this Markdown file")
@@ -23,14 +27,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from mednext.benchmark import machine_description, run_benchmark, write_markdown
+    from mednext.benchmark import VARIANTS, machine_description, run_benchmark, write_markdown
 
     patch = args.patch * args.dims if len(args.patch) == 1 else args.patch
     if len(patch) != args.dims:
         raise ValueError(f"--patch has {len(patch)} values; give 1 or {args.dims}")
     result = run_benchmark(
         args.model, args.kernel, args.dims, patch, args.batch, device=args.device, repeats=args.repeats,
-        threads=args.threads, memory=not args.no_memory, log=lambda s: print(s, file=sys.stderr, flush=True),
+        warmup=args.warmup, threads=args.threads, memory=not args.no_memory,
+        variants=args.variants or VARIANTS, log=lambda s: print(s, file=sys.stderr, flush=True),
     )  # fmt: skip
     print(result.table())
     if args.write:
