@@ -39,5 +39,12 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     print(result.table())
     if args.write:
-        write_markdown(args.write, result, machine_description(args.device), "mednext " + " ".join(sys.argv[2:]))
+        command = (
+            f"mednext benchmark --model {args.model} --kernel {args.kernel} --dims {args.dims} "
+            f"--patch {' '.join(map(str, patch))} --batch {args.batch} --device {args.device} "
+            f"--repeats {args.repeats} --warmup {args.warmup}"
+            + (f" --variants {' '.join(args.variants)}" if args.variants else "")
+            + (" --no-memory" if args.no_memory else "")
+        )
+        write_markdown(args.write, result, machine_description(args.device), command)
     return 0
