@@ -24,7 +24,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,6 @@ class DemoSettings:
     enhance: bool = True  # contrast-enhancement augmentation
     cache_dir: Path | None = None
     show_progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
