@@ -148,21 +148,13 @@ def summarize(model: MedNeXt, input_size: Sequence[int], *, preset: str | None =
 
 def _training_step(model: MedNeXt, batch: int, patch: Sequence[int], device: torch.device) -> None:
     """Forward, deep-supervision cross-entropy, backward and AdamW step on random data."""
+    from mednext.benchmark import training_step
+
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=3e-5, eps=1e-4)
     x = torch.randn(batch, model.in_channels, *patch, device=device)
     target = torch.randint(0, model.num_classes, (batch, *patch), device=device)
-    outputs = model(x)
-    outputs = outputs if isinstance(outputs, list) else [outputs]
-    weights = [1 / 2**i for i in range(len(outputs))]
-    loss = 0.0
-    for w, out in zip(weights, outputs):
-        t = target
-        if out.shape[2:] != target.shape[1:]:
-            t = nn.functional.interpolate(target[:, None].float(), size=out.shape[2:], mode="nearest")[:, 0].long()
-        loss = loss + w / sum(weights) * nn.functional.cross_entropy(out, t)
-    loss.backward()
-    opt.step()
+    training_step(model, x, target, opt)
 
 
 def _rss_bytes() -> int:
