@@ -17,12 +17,7 @@ LABELS = {"background": 0, "liver": 1, "spleen": 2, "stomach": 3, "aorta": 4, "k
 CLASSES = ["liver", "spleen", "stomach", "aorta", "kidney"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- contrast augmentation

@@ -12,14 +12,7 @@ from mednext.nn import MedNeXt, create_mednext
 from mednext.nn.checkpoint import load_checkpoint, save_checkpoint
 from mednext.nn.weights import ShapeMismatchError
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared CPU, OpenMP barriers of two threads cost more than they save."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small(kernel: int, dims: int = 3, **kwargs) -> MedNeXt:

@@ -23,13 +23,7 @@ from mednext.nn.weights import (
 monai_nets = pytest.importorskip("monai.networks.nets.mednext")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared CPU, OpenMP barriers of two threads cost more than they save."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # Input sizes: the 16x down-sampled bottleneck keeps at least two voxels, so its GroupNorm is not degenerate.
