@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from mednext.pipeline.context import context_slices_of, stack_neighbour_slices
 from mednext.pipeline.io import InputCase, collect_input_cases, image_ending
 from mednext.pipeline.workdir import use_workdir
 
@@ -269,6 +270,7 @@ def build_network(plans: dict, configuration: str, dataset_json: dict) -> MedNeX
         )
     kwargs = dict(arch.get("arch_kwargs", {}))
     in_channels = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
+    in_channels *= 2 * context_slices_of(configuration_manager.configuration) + 1  # 2.5D: neighbours as channels
     num_classes = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
     network = MedNeXt(in_channels=in_channels, num_classes=num_classes, **kwargs)
     network.set_deep_supervision(False)
@@ -426,13 +428,167 @@ def _read_case(predictor: nnUNetPredictor, case: InputCase) -> tuple[np.ndarray,
     return data, properties
 
 
+# ----------------------------------------------------------------------------- sliding window on the CPU
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+_GLIBC_DEFAULT_TRIM_THRESHOLD = 128 * 1024
+_GLIBC_DEFAULT_MMAP_MAX = 65536
+
+
+def _glibc() -> Any:
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:  # pragma: no cover - no dynamic loader
+        return None
+
+
+@contextlib.contextmanager
+def reuse_freed_memory():
+    """Keep freed memory in the process while predicting on the CPU (Linux/glibc only).
+
+    glibc serves every allocation above its mmap threshold (at most 32 MiB) with a fresh ``mmap``
+    and returns it on ``free``, so each of the network's large activations is page-faulted and
+    zeroed by the kernel again in every forward (measured: 460,000 page faults, 1.8 GB, per
+    64^3 S forward). Inside this block large blocks come from the heap and freed memory stays
+    there for the next tile; on leaving, glibc's defaults are restored and the free memory is
+    returned to the system (``malloc_trim``). Elsewhere this is a no-op.
+    """
+    libc = _glibc()
+    if libc is None:
+        yield
+        return
+    libc.mallopt(_M_MMAP_MAX, 0)
+    libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_MAX, _GLIBC_DEFAULT_MMAP_MAX)
+        libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT_TRIM_THRESHOLD)
+        libc.malloc_trim(0)
+
+
+def _mirror_combinations(axes: Sequence[int] | None) -> list[tuple[int, ...]]:
+    """The engine's test-time mirroring: no flip, then every non-empty combination of ``axes``."""
+    import itertools
+
+    axes = list(axes or [])
+    return [()] + [c for i in range(len(axes)) for c in itertools.combinations(axes, i + 1)]
+
+
+@torch.inference_mode()
+def sliding_window_logits(
+    network: torch.nn.Module,
+    data: torch.Tensor,
+    patch_size: Sequence[int],
+    num_classes: int,
+    step_size: float = 0.5,
+    mirror_axes: Sequence[int] | None = None,
+    tile_batch: int = 2,
+    accumulate: torch.dtype = torch.float16,
+) -> torch.Tensor:
+    """The engine's Gaussian-weighted sliding window, on the CPU, ``tile_batch`` tiles per forward.
+
+    Same tiles (``compute_steps_for_sliding_window`` after zero-padding to the patch), same order,
+    same Gaussian (``compute_gaussian``: sigma 1/8 of the patch, peak 10, float16 values), same
+    mirroring (mean of the plain and every mirrored prediction) and the same arithmetic as
+    ``nnUNetPredictor``: by default the weighted logits and the weights are summed in float16, as
+    the engine does, so that the result equals the engine's up to the network's own rounding
+    (``accumulate=torch.float32`` sums in float32, which is more accurate: the engine's float16
+    sums lose up to about 0.5 in a logit where only tile corners overlap, see docs/benchmarks.md).
+    ``data`` is ``(channels, *spatial)``; a 2D patch on 3D data slides over every slice, as in the
+    engine. Returns logits ``(num_classes, *spatial)`` in ``accumulate``'s dtype.
+    """
+    from acvl_utils.cropping_and_padding.padding import pad_nd_image
+    from nnunetv2.inference.sliding_window_prediction import compute_gaussian, compute_steps_for_sliding_window
+
+    patch = tuple(int(p) for p in patch_size)
+    data, revert = pad_nd_image(data, patch, "constant", {"value": 0}, True, None)
+    spatial = data.shape[1:]
+    slicers: list[tuple] = []
+    if len(patch) < len(spatial):  # 2D network on a 3D volume: every slice, as the engine does
+        steps = compute_steps_for_sliding_window(spatial[1:], patch, step_size)
+        for d in range(spatial[0]):
+            for sx in steps[0]:
+                for sy in steps[1]:
+                    slicers.append((slice(None), d, slice(sx, sx + patch[0]), slice(sy, sy + patch[1])))
+    else:
+        steps = compute_steps_for_sliding_window(spatial, patch, step_size)
+        for start in np.stack(np.meshgrid(*steps, indexing="ij"), -1).reshape(-1, len(patch)):
+            slicers.append((slice(None), *(slice(int(s), int(s) + p) for s, p in zip(start, patch))))
+    # float16 values, as the engine weights with them; summed in ``accumulate``
+    gaussian = compute_gaussian(patch, sigma_scale=1.0 / 8, value_scaling_factor=10, device=torch.device("cpu"))
+    flips = _mirror_combinations([a + 2 for a in mirror_axes] if mirror_axes else None)
+    logits = torch.zeros((num_classes, *spatial), dtype=accumulate)
+    weights = torch.zeros(spatial, dtype=accumulate)
+    batch = max(1, int(tile_batch))
+    for first in range(0, len(slicers), batch):
+        group = slicers[first : first + batch]
+        x = torch.stack([data[sl] for sl in group])
+        prediction = network(x)
+        for axes in flips[1:]:
+            prediction += torch.flip(network(torch.flip(x, axes)), axes)
+        if len(flips) > 1:
+            prediction /= len(flips)
+        prediction *= gaussian
+        for sl, tile in zip(group, prediction):  # tile by tile, in the engine's order and rounding
+            logits[sl] += tile
+            weights[sl[1:]] += gaussian
+    torch.div(logits, weights, out=logits)
+    if torch.isinf(logits).any():
+        raise RuntimeError(
+            "the summed logits overflowed float16 (inf); predict with accumulate=torch.float32 "
+            "(the engine stops with the same error here)"
+        )
+    return logits[(slice(None), *revert[1:])]
+
+
+@torch.inference_mode()
+def predict_logits(predictor: nnUNetPredictor, data: torch.Tensor, tile_batch: int = 2) -> torch.Tensor:
+    """Logits of one preprocessed case ``(channels, *spatial)``: the fold ensemble's mean.
+
+    On the CPU, :func:`sliding_window_logits` with ``tile_batch`` tiles per forward inside
+    :func:`reuse_freed_memory`; on other devices the engine's own
+    ``predict_logits_from_preprocessed_data`` (float16 autocast on CUDA).
+    """
+    if predictor.device.type != "cpu":
+        return predictor.predict_logits_from_preprocessed_data(data).cpu()
+    network = predictor.network.eval()
+    mirror_axes = predictor.allowed_mirroring_axes if predictor.use_mirroring else None
+    num_classes = predictor.label_manager.num_segmentation_heads
+    total = None
+    with reuse_freed_memory():
+        for params in predictor.list_of_parameters:
+            network.load_state_dict(params)
+            logits = sliding_window_logits(
+                network, data, predictor.configuration_manager.patch_size, num_classes,
+                predictor.tile_step_size, mirror_axes, tile_batch,
+            )  # fmt: skip
+            total = logits if total is None else total.add_(logits)
+    assert total is not None
+    if len(predictor.list_of_parameters) > 1:
+        total /= len(predictor.list_of_parameters)
+    return total
+
+
 def predict_case(
     predictor: nnUNetPredictor,
     case: InputCase,
     output_truncated: str | os.PathLike,
     save_probabilities: bool = False,
+    tile_batch: int = 2,
 ) -> list[Path]:
-    """Preprocess, predict and export one case; returns the written files (``<output_truncated><ending>``, ...)."""
+    """Preprocess, predict and export one case; returns the written files (``<output_truncated><ending>``, ...).
+
+    ``tile_batch``: sliding-window tiles per network forward on the CPU (see :func:`predict_logits`).
+    """
     from nnunetv2.inference.export_prediction import export_prediction_from_logits
 
     data, properties = _read_case(predictor, case)
@@ -445,7 +601,9 @@ def predict_case(
         predictor.configuration_manager,
         predictor.dataset_json,
     )
-    logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu()
+    # a 2.5D network sees every slice with its neighbours as channels (mednext.pipeline.context)
+    data = stack_neighbour_slices(data, context_slices_of(predictor.configuration_manager.configuration))
+    logits = predict_logits(predictor, torch.from_numpy(data), tile_batch)
     export_prediction_from_logits(
         logits,
         properties,
@@ -486,6 +644,7 @@ def predict(
     save_probabilities: bool = False,
     workdir: str | os.PathLike | None = None,
     log: Any = print,
+    tile_batch: int = 2,
 ) -> list[Path]:
     """Segment every case in ``input_path`` with a trained MedNeXt and return the written segmentations.
 
@@ -530,7 +689,7 @@ def predict(
         written = []
         for case in cases:
             start = time.perf_counter()
-            files = predict_case(predictor, case, workspace / case.case_id, save_probabilities)
+            files = predict_case(predictor, case, workspace / case.case_id, save_probabilities, tile_batch)
             for f in files:
                 target = output if single_file and f.name.endswith(ending) else out_dir / f.name
                 os.replace(f, target)

@@ -1,0 +1,146 @@
+"""Full-volume prediction benchmark and the CPU sliding window of `mednext predict` (small volumes)."""
+
+from __future__ import annotations
+
+import json
+import resource
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("nnunetv2")
+pytest.importorskip("monai")
+sitk = pytest.importorskip("SimpleITK")
+
+from mednext.benchmark_predict import (  # noqa: E402
+    _stock_predictor,
+    agreement,
+    count_tiles,
+    run_predict_benchmark,
+    run_variant,
+    setup_benchmark,
+    write_markdown,
+)
+from mednext.nn import MedNeXt  # noqa: E402
+from mednext.pipeline.predict import _glibc, reuse_freed_memory, sliding_window_logits  # noqa: E402
+
+TINY = {"width": 8, "block_counts": 1}  # S's layout (4 stages, k3), narrow and shallow
+
+
+def _ct(shape_zyx=(24, 40, 44), seed=0):
+    """A CT-like volume (HU): air around a soft-tissue body with a brighter organ."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.indices(shape_zyx)
+    body = ((y - shape_zyx[1] / 2) / (shape_zyx[1] / 2.4)) ** 2 + ((x - shape_zyx[2] / 2) / (shape_zyx[2] / 2.4)) ** 2
+    array = np.where(body < 1, 40.0, -1000.0) + rng.normal(0, 20, shape_zyx)
+    array[(body < 0.2) & (z > 4)] += 60
+    image = sitk.GetImageFromArray(array.astype(np.int16))
+    image.SetSpacing((3.0, 3.0, 3.0))
+    return image
+
+
+@pytest.fixture()
+def setup(tmp_path, monkeypatch, one_thread):
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.delenv(var, raising=False)
+    return setup_benchmark(tmp_path / "bench", _ct(), None, patch=(16, 32, 32), num_classes=3, model_overrides=TINY)
+
+
+def _networks(setup):
+    plans = json.loads((setup.results_folder / "plans.json").read_text())
+    arch = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
+    net = MedNeXt(1, setup.num_classes, **arch)
+    weights = torch.load(setup.results_folder / "fold_0" / "checkpoint_final.pth", weights_only=True)
+    net.load_state_dict(weights["network_weights"])
+    return net.eval(), weights["network_weights"]
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_one_tile_per_forward_equals_the_engine_bit_for_bit(setup, tta):
+    net, weights = _networks(setup)
+    predictor = _stock_predictor(setup, net, weights, tta)
+    torch.manual_seed(0)
+    data = torch.randn(1, 24, 40, 44)  # padded nowhere; 2 x 2 x 2 tiles of 16 x 32 x 32
+    engine = predictor.predict_logits_from_preprocessed_data(data)
+    ours = sliding_window_logits(net, data, (16, 32, 32), 3, 0.5, (0, 1, 2) if tta else None, tile_batch=1)
+    assert ours.dtype == engine.dtype == torch.float16
+    assert torch.equal(ours, engine)
+    # Several tiles per forward: the network's rounding differs by a few float32 ulps with the batch
+    # size, which float16 sums turn into at most one float16 step here and there.
+    batched = sliding_window_logits(net, data, (16, 32, 32), 3, 0.5, (0, 1, 2) if tta else None, tile_batch=4)
+    step = torch.finfo(torch.float16).eps * engine.float().abs().clamp_min(1)
+    assert ((batched.float() - engine.float()).abs() <= 2 * step).all()
+    # A float32 sum is the accurate one; the engine's float16 sum is off where only tile rims overlap.
+    exact = sliding_window_logits(net, data, (16, 32, 32), 3, 0.5, None, 3, accumulate=torch.float32)
+    assert exact.dtype == torch.float32 and exact.shape == engine.shape
+
+
+def test_small_volume_is_padded_like_the_engine(setup):
+    net, weights = _networks(setup)
+    predictor = _stock_predictor(setup, net, weights, False)
+    data = torch.randn(1, 10, 20, 50)  # smaller than the patch on two axes
+    engine = predictor.predict_logits_from_preprocessed_data(data)
+    ours = sliding_window_logits(net, data, (16, 32, 32), 3, 0.5, None, tile_batch=1)
+    assert ours.shape == (3, 10, 20, 50) and torch.equal(ours, engine)
+
+
+@pytest.mark.slow
+def test_benchmark_agreement_on_a_tiny_ct(tmp_path, monkeypatch, one_thread):
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.delenv(var, raising=False)
+    image = _ct()
+    result = run_predict_benchmark(
+        image, None, patch=(16, 32, 32), repeats=1, warmup=False, threads=1, variants=("engine_monai", "ours"),
+        memory=True, num_classes=3, workdir=tmp_path / "w", model_overrides=TINY, log=lambda _: None,
+    )  # fmt: skip
+    assert result.tiles == count_tiles((24, 40, 44), (16, 32, 32)) == 2 * 2 * 2
+    assert result.parity < 1e-5
+    assert set(result.seconds) == {"engine_monai", "ours"} and all(
+        len(t) == 1 and t[0] > 0 for t in result.seconds.values()
+    )
+    assert all(m > 0 for m in result.peak_mib.values())
+    n = 24 * 40 * 44
+    a = result.agreement["ours"]
+    assert a.voxels == n
+    # The same weights in both networks; what differs is float32 rounding, seen through the
+    # engine's float16 sums: a few float16 steps of a probability, almost never the argmax.
+    assert a.max_abs_prob_diff < 5e-2
+    assert a.voxels_prob_diff_over_1e4 < 0.01 * n
+    assert a.voxels_argmax_differ <= 0.001 * n
+    # The networks alone, through float32 sums: float32 rounding only.
+    f = result.float32
+    assert f.voxels == n and f.max_abs_prob_diff < 1e-5 and f.voxels_argmax_differ == 0
+    md = tmp_path / "bench.md"
+    write_markdown(md, result, "test machine", "mednext benchmark --task predict")
+    text = md.read_text()
+    assert "Full-volume prediction" in text and "mednext predict (ours)" in text and "test machine" in text
+
+
+def test_agreement_counts_differences(setup, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_variant(setup, "ours", a, False, save_probabilities=True)
+    run_variant(setup, "ours", b, False, save_probabilities=True)
+    same = agreement(a, b)
+    assert same.max_abs_prob_diff == 0 and same.voxels_argmax_differ == 0 and same.voxels == 24 * 40 * 44
+    with np.load(b / "ct.npz") as f:
+        probs = f["probabilities"].copy()
+    probs[:, 3, 5, 7] = [0.0, 0.0, 1.0]  # one voxel changed
+    np.savez_compressed(b / "ct.npz", probabilities=probs)
+    one = agreement(a, b)
+    assert one.voxels_prob_diff_over_1e4 == 1 and one.max_abs_prob_diff > 0.1
+
+
+@pytest.mark.skipif(_glibc() is None, reason="glibc only")
+def test_reuse_freed_memory_stops_page_faults_of_large_tensors():
+    def faults_of_big_allocations() -> int:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(4):
+            torch.ones(16 * 2**20)  # 64 MiB: above glibc's largest mmap threshold
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    assert faults_of_big_allocations() > 4 * 10_000  # each one mapped and zeroed afresh
+    with reuse_freed_memory():
+        faults_of_big_allocations()  # the heap grows once to hold the block
+        assert faults_of_big_allocations() < 4 * 1_000  # then the freed block is reused
+    assert faults_of_big_allocations() > 4 * 10_000  # defaults are back
