@@ -36,6 +36,7 @@ from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch import distributed as dist
 
+from mednext.pipeline.context import CONTEXT_KEY, check_context_slices, context_dataset_class, synchronise_channels
 from mednext.pipeline.planning import architecture_entry, mednext_arch_kwargs
 
 PRESETS = ("S", "B", "M", "L")
@@ -114,6 +115,7 @@ class MedNeXtTrainer(nnUNetTrainer):
 
     preset = "S"
     kernel_size = 3
+    context_slices = 0  # 2D only: neighbouring slices per side as extra input channels (mednext.pipeline.context)
 
     def __init__(
         self,
@@ -126,7 +128,11 @@ class MedNeXtTrainer(nnUNetTrainer):
         continue_training = plans.get("continue_training", False)
         plans = with_mednext_architecture(plans, configuration, self.preset, self.kernel_size)
         plans["continue_training"] = continue_training
+        if self.context_slices:
+            # recorded in the plans copied to the results folder, so prediction stacks the same slices
+            plans["configurations"][configuration][CONTEXT_KEY] = self.context_slices
         super().__init__(plans, configuration, fold, dataset_json, device)
+        check_context_slices(self.context_slices, self.configuration_manager.patch_size)
         if self.is_ddp:
             # the engine picks cuda:<global rank>, wrong on every node but the first, and CUDA even on CPU
             local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -186,7 +192,7 @@ class MedNeXtTrainer(nnUNetTrainer):
         self._set_batch_size_and_oversample()
         self.num_input_channels = determine_num_input_channels(
             self.plans_manager, self.configuration_manager, self.dataset_json
-        )
+        ) * (2 * self.context_slices + 1)
         self.network = self.build_network_architecture(
             self.plans_manager,
             self.configuration_manager,
@@ -204,8 +210,16 @@ class MedNeXtTrainer(nnUNetTrainer):
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.network = DistributedDataParallel(self.network, device_ids=ids)
         self.loss = self._build_loss()
-        self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
+        self.dataset_class = context_dataset_class(
+            infer_dataset_class(self.preprocessed_dataset_folder), self.context_slices
+        )
         self.was_initialized = True
+
+    def get_training_transforms(self, *args: Any, **kwargs: Any) -> Any:
+        """The engine's training augmentation; with context slices its intensity transforms treat the
+        stacked slices of a sample alike (:func:`~mednext.pipeline.context.synchronise_channels`)."""
+        transforms = nnUNetTrainer.get_training_transforms(*args, **kwargs)
+        return synchronise_channels(transforms) if self.context_slices else transforms
 
     @staticmethod
     def build_network_architecture(
