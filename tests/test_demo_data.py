@@ -378,10 +378,20 @@ def test_converted_files_share_their_image_grid(demo_dataset, example_files, hel
         np.testing.assert_allclose(label.GetOrigin(), image.GetOrigin(), atol=1e-4)
         np.testing.assert_allclose(label.GetDirection(), image.GetDirection(), atol=1e-6)
         assert label.GetPixelID() == sitk.sitkUInt8
-    # The images are the source scans, voxel for voxel and on the source grids.
+    # Both images are in the DICOM series' orientation (identity direction); the training scan is its
+    # source with x and y flipped: every voxel at the same physical point with the same value.
+    for image in (train_img, test_img):
+        np.testing.assert_allclose(image.GetDirection(), np.eye(3).ravel(), atol=1e-6)
     source_train = sitk.ReadImage(str(example_files.train_image))
-    assert same_geometry(train_img, source_train)
-    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(train_img), sitk.GetArrayViewFromImage(source_train))
+    assert source_train.GetDirection() == (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
+    assert train_img.GetSize() == source_train.GetSize() and train_img.GetSpacing() == source_train.GetSpacing()
+    np.testing.assert_array_equal(
+        sitk.GetArrayViewFromImage(train_img), sitk.GetArrayViewFromImage(source_train)[:, ::-1, ::-1]
+    )
+    corner = tuple(s - 1 for s in source_train.GetSize()[:2]) + (0,)
+    np.testing.assert_allclose(
+        train_img.TransformIndexToPhysicalPoint((0, 0, 0)), source_train.TransformIndexToPhysicalPoint(corner)
+    )
     assert same_geometry(test_img, heldout_image)
     np.testing.assert_array_equal(sitk.GetArrayViewFromImage(test_img), sitk.GetArrayViewFromImage(heldout_image))
     assert demo_dataset.heldout_dicom_dir == example_files.heldout_dicom_dir

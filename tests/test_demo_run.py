@@ -147,9 +147,12 @@ class _BudgetedFake(TimeBudgetMixin, _FakeEngine):
 
 
 @pytest.mark.parametrize(
-    ("budget", "cap", "epochs"), [(110.0, None, 10), (34.0, None, 3), (5.0, None, 1), (110.0, 4, 4)]
+    ("budget", "cap", "epochs", "last"),
+    [(110.0, None, 10, 5), (34.0, None, 3, 5), (40.0, None, 4, 3), (5.0, None, 1, 5), (110.0, 4, 4, 5)],
 )
-def test_time_budget_sets_epochs_and_schedule(monkeypatch, budget: float, cap: int | None, epochs: int) -> None:
+def test_time_budget_sets_epochs_and_schedule(
+    monkeypatch, budget: float, cap: int | None, epochs: int, last: int
+) -> None:
     clock = _Clock()
     monkeypatch.setattr(demo_trainer.time, "perf_counter", clock.perf_counter)
     t = _BudgetedFake(clock)
@@ -161,8 +164,70 @@ def test_time_budget_sets_epochs_and_schedule(monkeypatch, budget: float, cap: i
     assert len(t.budget_log) == epochs
     assert t.budget_log[0]["planned_epochs"] == (min(cap, int(budget // 11)) if cap else max(1, int(budget // 11)))
     assert clock.now <= max(budget, 11.0)
+    # 7 s left after 3 epochs of 11 s: a last epoch of 3 iterations (2 s each) + validation (1 s) fits
+    assert [e["iterations"] for e in t.budget_log] == [5] * (epochs - 1) + [last]
+    assert t.iterations_done == 5 * (epochs - 1) + last
     if epochs > 1:
         assert t.lr_scheduler.max_steps == epochs
+
+
+# ----------------------------------------------------------------------------- the demo trainer's data
+
+
+def test_demo_trainer_limits_rotation_and_turns_mirroring_off() -> None:
+    import math
+    from types import SimpleNamespace
+
+    cls = demo_trainer.demo_trainer_class("S", 3, 60.0, show_progress=False, context_slices=2)
+    assert cls.__name__ == "MedNeXtTrainer_Sk3_demo" and cls.context_slices == 2
+    t = object.__new__(cls)
+    t.print_to_log_file = lambda *args, **kwargs: None
+    t.configuration_manager = SimpleNamespace(patch_size=[112, 128])
+    rotation, dummy_2d, initial, mirror = t.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+    # the engine would rotate a near-square 2D patch by up to 180 degrees and mirror both axes
+    assert rotation == pytest.approx((-math.radians(15), math.radians(15)))
+    assert mirror is None and t.inference_allowed_mirroring_axes is None and dummy_2d is False
+    assert all(p >= q for p, q in zip(initial, (112, 128), strict=True))  # the crop covers the rotated patch
+    t.rotation_degrees, t.mirror_axes = 200.0, (1,)  # never wider than the engine's own range
+    rotation, _, _, mirror = t.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+    assert rotation == pytest.approx((-math.pi, math.pi)) and mirror == (1,)
+
+
+def test_enhanced_dataset_class_shifts_each_organ_alike_in_every_slice() -> None:
+    from types import SimpleNamespace
+
+    mean, std = 40.0, 50.0
+    hu = np.full((1, 4, 6, 8), 40.0, dtype=np.float32)
+    hu[:, :, 0, :] = -120.0  # fat
+    seg = np.zeros((1, 4, 6, 8), dtype=np.int16)
+    seg[:, :, 1:3, :] = 1  # liver in every slice
+    seg[:, :, 3:5, :4] = 4  # aorta
+
+    class Base:
+        def load_case(self, identifier: str) -> tuple:
+            return (hu - mean) / std, seg, None, {"case": identifier}
+
+    trainer = SimpleNamespace(
+        plans_manager=SimpleNamespace(
+            foreground_intensity_properties_per_channel={
+                "0": {"mean": mean, "std": std, "percentile_00_5": -200.0, "percentile_99_5": 250.0}
+            }
+        ),
+        dataset_json={"labels": LABELS},
+        enhancement_probability=1.0,
+    )
+    cls = demo_trainer.enhanced_dataset_class(Base, trainer)
+    torch.manual_seed(3)
+    for _ in range(5):
+        data, seg_out, prev, props = cls().load_case("c")
+        out = data * std + mean
+        assert data.shape == hu.shape and seg_out is seg and prev is None and props == {"case": "c"}
+        liver, aorta = out[seg == 1], out[seg == 4]
+        # one shift per organ for the whole volume, within the organ's range
+        assert np.ptp(liver) < 1e-3 and np.ptp(aorta) < 1e-3
+        assert 40.0 <= liver[0] <= 40.0 + demo_trainer.ENHANCEMENT_HU["liver"] + 1e-3
+        assert 40.0 <= aorta[0] <= 250.0 + 1e-3
+        np.testing.assert_allclose(out[:, :, 0, :], -120.0, atol=1e-3)  # fat untouched
 
 
 # ----------------------------------------------------------------------------- plans and table

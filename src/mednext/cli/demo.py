@@ -16,6 +16,16 @@ def _minutes(text: str) -> float:
     return value
 
 
+def _context(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--context-slices {text!r} is not a whole number") from err
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"--context-slices {value} must be 0 or more")
+    return value
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
@@ -38,12 +48,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--compare", choices=("nnunet",), default=None,
         help="also train nnU-Net's default 2d U-Net with its own recipe for the same time and compare",
     )  # fmt: skip
-    p.add_argument("--no-tta", action="store_true", help="no mirroring at prediction (faster)")
+    p.add_argument(
+        "--context-slices", type=_context, default=None, metavar="K",
+        help="2.5D input: the K slices on either side of each slice as extra channels (default: the demo's "
+        "setting, see docs/demo.md; 0 = plain 2D)",
+    )  # fmt: skip
+    p.add_argument(
+        "--no-tta", action="store_true",
+        help="no mirroring at prediction (the demo's MedNeXt trains without mirroring, so this only speeds up "
+        "the nnU-Net comparison)",
+    )  # fmt: skip
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from mednext.demo.run import DEFAULT_MINUTES, DemoSettings, run_demo
+    from mednext.demo.run import CONTEXT_SLICES, DEFAULT_MINUTES, DemoSettings, run_demo
 
     settings = DemoSettings(
         out=args.out,
@@ -54,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         workdir=args.workdir,
         compare=args.compare,
         tta=not args.no_tta,
+        context_slices=args.context_slices if args.context_slices is not None else CONTEXT_SLICES,
     )
     run_demo(settings)
     return 0

@@ -9,6 +9,12 @@ TotalSegmentator's 117-class 'total' label maps under ``tests/reference_files/``
   whose header stores the same physical grid as the series with the y axis flipped, so its labels
   are resampled onto the image by physical coordinates, never copied index for index.
 
+The engine does not reorient images: it trains on the stored voxel order. The training scan is
+stored with direction diag(-1, -1, 1), the DICOM series with the identity, so their arrays are
+rotated by 180 degrees in-plane against each other. Every image is therefore written in one
+orientation, the DICOM series' (:data:`ORIENTATION`, identity direction), by a lossless flip of axes
+(:func:`reorient`); the physical grid and every voxel value are unchanged.
+
 SimpleITK and numpy are imported inside the functions so that importing this module (and the
 ``mednext`` command's ``--help``) stays fast.
 """
@@ -52,6 +58,7 @@ DEMO_DATASET_ID = 990
 DEMO_DATASET_NAME = "MedNeXtDemo"
 TRAIN_CASE = "demo_train"
 HELDOUT_CASE = "demo_heldout"
+ORIENTATION = "LPS"  # SimpleITK's DICOMOrient code for the identity direction (the DICOM series' own)
 
 # Grouped label set: abdominal organs of TotalSegmentator's 'total' task. Liver, spleen, stomach and
 # aorta are labelled in both patients; the held-out slab (upper abdomen, 20 slices) shows no kidney,
@@ -454,6 +461,15 @@ def same_geometry(a: sitk.Image, b: sitk.Image, tol: float = 1e-4) -> bool:
     )
 
 
+def reorient(image: sitk.Image, orientation: str = ORIENTATION) -> sitk.Image:
+    """``image`` with its axes permuted/flipped to ``orientation`` (default: identity direction).
+
+    A lossless permutation of voxels: the physical position and value of every voxel are kept."""
+    import SimpleITK as sitk
+
+    return sitk.DICOMOrient(image, orientation)
+
+
 def convert_label(label: sitk.Image, image: sitk.Image, groups: Mapping[str, Sequence[int]]) -> sitk.Image:
     """Group a TotalSegmentator label map and place it on ``image``'s grid by physical coordinates."""
     import SimpleITK as sitk
@@ -484,7 +500,9 @@ def prepare_demo_dataset(
       itself (in the cache) is the demo's prediction input, ``DemoDataset.heldout_dicom_dir``;
     - ``dataset.json`` with one CT channel and the grouped labels (default :data:`DEFAULT_LABEL_GROUPS`).
 
-    Labels are grouped, then resampled onto their image by physical coordinates. The dataset is built
+    Images are written in the DICOM series' orientation (:func:`reorient`: the training scan's x and y
+    axes are flipped, the series is already in it, so the prediction input needs no reorientation);
+    labels are grouped, then resampled onto their image by physical coordinates. The dataset is built
     in a temporary folder and renamed into place, replacing an earlier build of the same name.
     """
     import SimpleITK as sitk
@@ -509,9 +527,9 @@ def prepare_demo_dataset(
     labels = {"background": 0, **{name: i for i, name in enumerate(groups, start=1)}}
 
     _say(quiet, f"Converting the example scans into {raw_root / full_name}")
-    train_image = sitk.ReadImage(str(files.train_image))
+    train_image = reorient(sitk.ReadImage(str(files.train_image)))
     train_label = convert_label(sitk.ReadImage(str(files.train_label)), train_image, groups)
-    heldout_image = read_dicom_series(files.heldout_dicom_dir)
+    heldout_image = reorient(read_dicom_series(files.heldout_dicom_dir))
     heldout_label = convert_label(sitk.ReadImage(str(files.heldout_label)), heldout_image, groups)
 
     counts = {

@@ -35,6 +35,7 @@ FOLD = "all"
 DEFAULT_MINUTES = 15.0  # training budget; set-up, prediction and scoring add about 2-4 min on 2 CPU cores
 CT_WINDOW_HU = (-200.0, 250.0)  # replaces the fingerprint's [-171, 79]: enhanced organs stay below 250 HU
 NNUNET_PLANS = "nnUNetPlans"
+CONTEXT_SLICES = 0
 
 
 @dataclass
@@ -54,6 +55,7 @@ class DemoSettings:
     tta: bool = True
     ct_window: tuple[float, float] | None = CT_WINDOW_HU  # None: keep the engine's fingerprint window
     enhance: bool = True  # contrast-enhancement augmentation
+    context_slices: int = CONTEXT_SLICES  # neighbouring slices per side as input channels (2.5D); 0: plain 2D
     cache_dir: Path | None = None
     show_progress: bool = True
 
@@ -137,10 +139,12 @@ def _quiet_call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 def _trainer_logs(trainer: Any) -> dict[str, list[float]]:
     log = trainer.logger.get_checkpoint()
+    per_epoch = [int(e["iterations"]) for e in getattr(trainer, "budget_log", [])]
     return {
         "train_loss": [float(v) for v in log.get("train_losses", [])],
         "val_loss": [float(v) for v in log.get("val_losses", [])],
         "pseudo_dice": [float(v) for v in log.get("mean_fg_dice", [])],
+        "iteration": [int(v) for v in np.cumsum(per_epoch)],  # iterations done at the end of each epoch
     }
 
 
@@ -167,7 +171,9 @@ def train_mednext(settings: DemoSettings, dataset_name: str, device: Any, budget
     from mednext.demo.trainer import demo_trainer_class
     from mednext.pipeline.trainer import _run_fold, find_plans
 
-    cls = demo_trainer_class(settings.model, settings.kernel, budget_s, settings.show_progress)
+    cls = demo_trainer_class(
+        settings.model, settings.kernel, budget_s, settings.show_progress, context_slices=settings.context_slices
+    )
     cls.max_epochs = settings.max_epochs
     if not settings.enhance:
         cls.enhancement_probability = 0.0
@@ -424,7 +430,7 @@ def save_training_curve(curves: Mapping[str, Mapping[str, list[float]]], iters_p
 def _curve_figure(plt: Any, curves: Mapping[str, Mapping[str, list[float]]], iters_per_epoch: int, path: Path) -> Path:
     fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(10, 4))
     for name, curve in curves.items():
-        x = [(i + 1) * iters_per_epoch for i in range(len(curve["train_loss"]))]
+        x = curve.get("iteration") or [(i + 1) * iters_per_epoch for i in range(len(curve["train_loss"]))]
         ax_loss.plot(x, curve["train_loss"], label=f"{name} train")
         if any(not math.isnan(v) for v in curve["val_loss"]):
             ax_loss.plot(x[: len(curve["val_loss"])], curve["val_loss"], "--", label=f"{name} val")
@@ -506,7 +512,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     trainer = train_mednext(settings, name, device, budget_s)
     train_s = time.perf_counter() - t
     epochs = int(trainer.current_epoch)
-    iterations = epochs * settings.iters_per_epoch
+    iterations = int(getattr(trainer, "iterations_done", epochs * settings.iters_per_epoch))
     curve = _trainer_logs(trainer)
     timings["train_s"] = train_s
 
@@ -552,10 +558,11 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         nn_seg = predict_nnunet(nn_trainer, info.heldout_image, out / "segmentation_nnunet.nii.gz", settings.tta)
         nn_predict_s = time.perf_counter() - t
         nn_epochs = int(nn_trainer.current_epoch)
+        nn_iterations = int(getattr(nn_trainer, "iterations_done", nn_epochs * settings.iters_per_epoch))
         d, n, v = score(nn_seg, info.heldout_label, dataset_json)
         results["nnunet"] = ModelResult(
-            "nnU-Net 2d", d, n, v, nn_epochs, nn_epochs * settings.iters_per_epoch, nn_train_s, nn_predict_s,
-            nn_train_s / max(1, nn_epochs * settings.iters_per_epoch), _trainer_logs(nn_trainer), nn_seg,
+            "nnU-Net 2d", d, n, v, nn_epochs, nn_iterations, nn_train_s, nn_predict_s,
+            nn_train_s / max(1, nn_iterations), _trainer_logs(nn_trainer), nn_seg,
         )  # fmt: skip
         timings["nnunet_train_s"], timings["nnunet_predict_s"] = nn_train_s, nn_predict_s
 
@@ -582,6 +589,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
             "spacing_mm": cfg["spacing"],
             "ct_window_hu": list(settings.ct_window) if settings.ct_window else None,
             "contrast_augmentation": settings.enhance,
+            "context_slices": settings.context_slices,
         },
         "training": {
             "device": str(device),

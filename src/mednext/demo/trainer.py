@@ -4,24 +4,33 @@
   The first epoch runs with a provisional epoch count; after every epoch the measured duration of
   the last epoch sets how many epochs are left (``floor(remaining / epoch_time)``), and the poly
   learning-rate schedule is re-targeted to that total, so the schedule ends (learning rate near 0)
-  when the budget ends. When an epoch overruns the budget, training stops after it.
+  when the budget ends. When no full epoch fits any more, a shorter last epoch takes as many
+  iterations as fit (at least ``min_last_epoch_iterations``); when an epoch overruns the budget,
+  training stops after it.
 * :func:`simulate_contrast_enhancement` raises the intensity of soft tissue, per training label,
   by random amounts in Hounsfield units, so a network trained on a non-contrast CT sees organs as
-  bright as on a contrast-enhanced (portal-venous) CT. It runs on the normalised batch, on the
-  training labels, and clips to the plans' CT window.
+  bright as on a contrast-enhanced (portal-venous) CT. The demo trainer applies it to each training
+  volume as it is loaded (:func:`enhanced_dataset_class`), before the engine's augmentation, on the
+  training labels, clipped to the plans' CT window.
 * :class:`MedNeXtDemoTrainer` is the pipeline's :class:`~mednext.pipeline.trainer.MedNeXtTrainer`
-  (the reference recipe) with both; :class:`NnUNetBudgetTrainer` is the engine's own
-  ``nnUNetTrainer`` (its recipe unchanged) with the time budget only, for ``--compare nnunet``.
+  (the reference recipe) with both, in-plane rotation limited to +-15 degrees and no mirroring (the
+  demo's scans share one orientation), and optionally neighbouring slices as input channels
+  (``context_slices``, :mod:`mednext.pipeline.context`); :class:`NnUNetBudgetTrainer` is the engine's
+  own ``nnUNetTrainer`` (its recipe unchanged) with the time budget only, for ``--compare nnunet``.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 
+import numpy as np
 import torch
+from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from mednext.pipeline.context import context_dataset_class
 from mednext.pipeline.trainer import MedNeXtTrainer, trainer_class_name
 
 # Enhancement ranges (HU added, drawn uniformly from [0, max]) per demo label name. The held-out
@@ -82,6 +91,7 @@ class TimeBudgetMixin:
     budget_s: float = 600.0
     provisional_epochs: int = 1000
     max_epochs: int | None = None  # optional cap on top of the budget
+    min_last_epoch_iterations = 3  # a shorter last epoch uses the budget's rest if this many iterations fit
     show_progress: bool = True
 
     def print_to_log_file(self, *args: object, also_print_to_console: bool = True, add_timestamp: bool = True) -> None:
@@ -95,6 +105,7 @@ class TimeBudgetMixin:
         self.on_train_start()
         start = time.perf_counter()
         self.budget_log: list[dict[str, float]] = []
+        self.iterations_done = 0
         while self.current_epoch < self.num_epochs:
             epoch_start = time.perf_counter()
             self.on_epoch_start()
@@ -113,6 +124,9 @@ class TimeBudgetMixin:
                 bar.set_postfix_str(f"loss {float(outputs[-1]['loss']):.4f} budget left {left:.0f} s", refresh=False)
                 bar.update(1)
             bar.close()
+            iterations = self.num_iterations_per_epoch
+            self.iterations_done += iterations
+            per_iteration = (time.perf_counter() - epoch_start) / iterations
             self.on_train_epoch_end(outputs)
             with torch.no_grad():
                 self.on_validation_epoch_start()
@@ -125,10 +139,16 @@ class TimeBudgetMixin:
             epoch_time = now - epoch_start
             remaining = self.budget_s - (now - start)
             more = int(remaining // epoch_time) if remaining > 0 else 0
+            short = 0  # iterations of a shorter last epoch that fits what is left of the budget
+            if more == 0 and remaining > 0:
+                short = int((remaining - (epoch_time - iterations * per_iteration)) // per_iteration)
+                more = 1 if short >= self.min_last_epoch_iterations else 0
             self.num_epochs = self.current_epoch + more
             if self.max_epochs is not None:
                 self.num_epochs = min(self.num_epochs, self.max_epochs)
                 more = self.num_epochs - self.current_epoch
+            if more == 1 and short:
+                self.num_iterations_per_epoch = min(short, self.num_iterations_per_epoch)
             if more > 0:
                 self.lr_scheduler.max_steps = self.num_epochs  # poly schedule ends with the budget
             self.budget_log.append(
@@ -136,13 +156,14 @@ class TimeBudgetMixin:
                     "epoch": self.current_epoch,
                     "epoch_time_s": epoch_time,
                     "elapsed_s": now - start,
+                    "iterations": iterations,
                     "planned_epochs": self.num_epochs,
                 }
             )
             if self.show_progress:
                 print(
                     f"  epoch {self.current_epoch}: {epoch_time:.1f} s "
-                    f"({epoch_time / self.num_iterations_per_epoch:.2f} s/iteration incl. validation), "
+                    f"({epoch_time / iterations:.2f} s/iteration incl. validation), "
                     f"loss {float(self.logger.get_value('train_losses', step=-1)):.4f}, "
                     f"{now - start:.0f}/{self.budget_s:.0f} s used -> {self.num_epochs} epochs in all",
                     flush=True,
@@ -156,32 +177,66 @@ class MedNeXtDemoTrainer(TimeBudgetMixin, MedNeXtTrainer):
     enhancement_probability = 0.8
     foreground_share = 0.6  # the engine's 0.33: 61 of the 112 training slices hold no organ
 
+    rotation_degrees = 15.0  # the engine: +-180 degrees in 2D when the patch is near square
+    mirror_axes: tuple[int, ...] | None = None  # the engine: every axis
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self) -> tuple:
+        """The engine's spatial augmentation, with in-plane rotation limited to +-``rotation_degrees`` and
+        mirroring only along ``mirror_axes`` (none by default).
+
+        The demo's scans share one orientation (docs/demo-data.md), so the liver is always on the image's
+        left and the spleen on its right; mirroring left-right would teach the network that either organ
+        can be on either side, and a half-turn rotation that the spine can be in front."""
+        rotation, dummy_2d, _, _ = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        limit = math.radians(self.rotation_degrees)
+        rotation = (max(rotation[0], -limit), min(rotation[1], limit))
+        patch_size = self.configuration_manager.patch_size
+        dim = len(patch_size)
+        initial = get_patch_size(patch_size[-dim:], rotation, rotation, rotation, (0.85, 1.25))
+        if dummy_2d:
+            initial[0] = patch_size[0]
+        mirror = tuple(self.mirror_axes) if self.mirror_axes else None
+        self.inference_allowed_mirroring_axes = mirror
+        return rotation, dummy_2d, initial, mirror
+
     def initialize(self) -> None:
         self.oversample_foreground_percent = self.foreground_share
         super().initialize()
+        if self.enhancement_probability > 0:
+            from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
-    def train_step(self, batch: dict) -> dict:
-        target = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
-        props = self.plans_manager.foreground_intensity_properties_per_channel["0"]
-        window = (float(props["percentile_00_5"]), float(props["percentile_99_5"]))
-        batch = dict(batch)
-        batch["data"] = simulate_contrast_enhancement(
-            batch["data"],
-            target,
-            self.dataset_json["labels"],
-            float(props["mean"]),
-            float(props["std"]),
-            window,
-            probability=self.enhancement_probability,
-        )
-        return super().train_step(batch)
+            # enhance the whole volume as it is loaded, before the context slices are stacked and before
+            # the engine's augmentation: every slice of a sample gets the same shift per organ
+            base = enhanced_dataset_class(infer_dataset_class(self.preprocessed_dataset_folder), self)
+            self.dataset_class = context_dataset_class(base, self.context_slices)
+
+
+def enhanced_dataset_class(base: type, trainer: MedNeXtDemoTrainer) -> type:
+    """A subclass of the engine's dataset class whose cases are passed through
+    :func:`simulate_contrast_enhancement` (with the trainer's plans, labels and probability)."""
+    props = trainer.plans_manager.foreground_intensity_properties_per_channel["0"]
+    window = (float(props["percentile_00_5"]), float(props["percentile_99_5"]))
+    mean, std = float(props["mean"]), float(props["std"])
+    labels = dict(trainer.dataset_json["labels"])
+    probability = float(trainer.enhancement_probability)
+
+    def load_case(self: object, identifier: str) -> tuple:
+        data, seg, seg_prev, properties = base.load_case(self, identifier)
+        image = torch.from_numpy(np.asarray(data, dtype=np.float32))[None]
+        target = torch.from_numpy(np.asarray(seg).astype(np.int16))[None]
+        image = simulate_contrast_enhancement(image, target, labels, mean, std, window, probability=probability)
+        return image[0].numpy(), seg, seg_prev, properties
+
+    return type(f"{base.__name__}_enhanced", (base,), {"load_case": load_case})
 
 
 class NnUNetBudgetTrainer(TimeBudgetMixin, nnUNetTrainer):
     """The engine's default trainer and recipe, time-budgeted (``--compare nnunet``)."""
 
 
-def demo_trainer_class(preset: str, kernel: int, budget_s: float, show_progress: bool = True) -> type:
+def demo_trainer_class(
+    preset: str, kernel: int, budget_s: float, show_progress: bool = True, context_slices: int = 0
+) -> type:
     """A :class:`MedNeXtDemoTrainer` subclass for ``preset``/``kernel`` with ``budget_s`` seconds.
 
     Its name, ``MedNeXtTrainer_<P>k<K>_demo``, keeps the pipeline's naming, so ``mednext predict``
@@ -192,6 +247,7 @@ def demo_trainer_class(preset: str, kernel: int, budget_s: float, show_progress:
         "kernel_size": int(kernel),
         "budget_s": float(budget_s),
         "show_progress": show_progress,
+        "context_slices": int(context_slices),
         "__module__": __name__,
     }
     return type(f"{base}_demo", (MedNeXtDemoTrainer,), attrs)
