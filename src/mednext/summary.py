@@ -62,10 +62,13 @@ class ModelSummary:
         for m in self.memory:
             lines.append(
                 f"training step peak memory ({m['device']}, batch {m['batch']}, patch {m['patch']}, "
-                f"checkpointing {'on' if m['grad_checkpointing'] else 'off'}): {m['peak_mib']:,.0f} MiB "
+                f"checkpointing {_CHECKPOINT_LABELS[m['grad_checkpointing']]}): {m['peak_mib']:,.0f} MiB "
                 f"({m['measure']})"
             )
         return "\n".join(lines)
+
+
+_CHECKPOINT_LABELS = {False: "off", True: "whole blocks", "cheap": "cheap (norm, expansion, GELU)"}
 
 
 def _stage_layout(model: MedNeXt) -> list[tuple[str, int, int]]:
@@ -260,8 +263,8 @@ def model_summary(
     memory_patch: Sequence[int] | None = None,
     device: str = "cpu",
 ) -> ModelSummary:
-    """Summary of a preset; with ``memory_batch`` also one training step's peak memory with and
-    without gradient checkpointing on ``device``."""
+    """Summary of a preset; with ``memory_batch`` also one training step's peak memory on ``device``
+    without gradient checkpointing, with whole-block checkpointing and with "cheap" checkpointing."""
     model = create_mednext(
         preset, in_channels, num_classes, kernel_size=kernel_size, spatial_dims=spatial_dims,
         deep_supervision=deep_supervision,
@@ -270,7 +273,7 @@ def model_summary(
     summary = summarize(model, size, preset=preset.upper())
     if memory_batch:
         patch = tuple(memory_patch) if memory_patch else size
-        for ckpt in (False, True):
+        for ckpt in (False, True, "cheap"):
             model.set_grad_checkpointing(ckpt)
             summary.memory.append(training_step_memory(model, memory_batch, patch, device))
     return summary

@@ -49,6 +49,21 @@ def _as_tuple(value: IntOrTuple, spatial_dims: int, name: str) -> tuple[int, ...
     return value
 
 
+_CHECKPOINT_MODES: dict[Any, bool | str] = {False: False, "none": False, True: True, "block": True, "cheap": "cheap"}
+
+
+def _checkpoint_mode(value: bool | str) -> bool | str:
+    """A ``grad_checkpointing`` value in its stored form: False, True (whole blocks) or "cheap"."""
+    key = value.lower() if isinstance(value, str) else value
+    try:
+        return _CHECKPOINT_MODES[key]  # 0/1 and numpy bools hash like False/True
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"grad_checkpointing={value!r} is not supported; use False/'none', True/'block' (whole blocks) "
+            "or 'cheap' (recompute norm, expansion and GELU only)"
+        ) from None
+
+
 def channels_last(x: torch.Tensor) -> torch.Tensor:
     """``x`` with channels-last strides (NHWC / NDHWC), the layout of the fast path."""
     return x.contiguous(memory_format=torch.channels_last_3d if x.ndim == 5 else torch.channels_last)
@@ -138,6 +153,11 @@ class MedNeXtBlock(nn.Module):
         residual: add the input to the output (needs in_channels == out_channels).
         norm: "group" (one group per channel, the paper's) or "layer" (channels-first LayerNorm).
         grn: apply global response normalisation to the expanded features.
+
+    Attribute ``recompute_expansion`` (default False; :meth:`MedNeXt.set_grad_checkpointing`
+    with ``"cheap"`` sets it): in training with gradients on, keep only the depthwise conv's
+    output and recompute norm -> expansion -> GELU [-> GRN] in the backward pass, so none of the
+    R * C-channel tensors is stored; the depthwise conv itself is not recomputed.
     """
 
     def __init__(
@@ -171,6 +191,7 @@ class MedNeXtBlock(nn.Module):
             self.grn_gamma = nn.Parameter(torch.zeros(shape))
             self.grn_beta = nn.Parameter(torch.zeros(shape))
         self.conv3 = conv(hidden, out_channels, kernel_size=1)
+        self.recompute_expansion = False
 
     @staticmethod
     def _depthwise_conv(channels: int, kernel: tuple[int, ...], spatial_dims: int) -> nn.Module:
@@ -194,7 +215,19 @@ class MedNeXtBlock(nn.Module):
         return self.norm(x)
 
     def _branch(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.act(conv1x1(self.conv2, self._normalise(self._depthwise(x))))
+        y = self._depthwise(x)
+        if self.recompute_expansion and self.training and torch.is_grad_enabled():
+            # The compression conv is inside the recomputed function, else it would store its R*C-channel
+            # input; the recomputation stops once the saved tensors exist (non-reentrant early stop), before
+            # the compression's own GEMM. No random ops here, so the RNG state need not be kept.
+            if y.untyped_storage().nbytes() > y.numel() * y.element_size():
+                y = y.clone()  # a strided view (fast strided conv) would keep its stride-1 source alive
+            return checkpoint(self._expand_compress, y, use_reentrant=False, preserve_rng_state=False)
+        return self._expand_compress(y)
+
+    def _expand_compress(self, y: torch.Tensor) -> torch.Tensor:
+        """Norm -> 1x1 expand -> GELU [-> GRN] -> 1x1 compress of the depthwise conv's output."""
+        y = self.act(conv1x1(self.conv2, self._normalise(y)))
         if self.grn:
             y = global_response_norm(y, self.grn_gamma, self.grn_beta)
         return conv1x1(self.conv3, y)
@@ -374,8 +407,9 @@ class MedNeXt(nn.Module):
         norm: "group" or "layer".
         grn: global response normalisation in every block except ``down_0`` (as the reference).
         deep_supervision: build the extra heads ``out_1..out_n`` and return them in training.
-        grad_checkpointing: recompute each block in the backward pass instead of storing its
-            activations (non-reentrant); see :meth:`set_grad_checkpointing`.
+        grad_checkpointing: False (store everything), True or "block" (recompute each block in
+            the backward pass, non-reentrant) or "cheap" (recompute only each block's norm,
+            expansion and GELU [GRN]); see :meth:`set_grad_checkpointing`.
     """
 
     def __init__(
@@ -396,7 +430,7 @@ class MedNeXt(nn.Module):
         norm: str = "group",
         grn: bool = False,
         deep_supervision: bool = False,
-        grad_checkpointing: bool = False,
+        grad_checkpointing: bool | str = False,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -436,6 +470,7 @@ class MedNeXt(nn.Module):
         self.total_stride = tuple(math.prod(s[a] for s in stride_list) for a in range(spatial_dims))
         self.widths = [width * 2**i for i in range(n + 1)]
         self.deep_supervision = deep_supervision
+        grad_checkpointing = _checkpoint_mode(grad_checkpointing)
         self.grad_checkpointing = grad_checkpointing
         # Channels-last layout with 1x1 convs as GEMMs; same numbers as the plain path (tests check it).
         self.fast_path = os.environ.get("MEDNEXT_FAST_PATH", "1") != "0"
@@ -499,6 +534,7 @@ class MedNeXt(nn.Module):
         if deep_supervision:
             for i in range(1, n + 1):
                 setattr(self, f"out_{i}", MedNeXtOutBlock(self.widths[i], num_classes, spatial_dims))
+        self.set_grad_checkpointing(grad_checkpointing)
 
     # -- configuration helpers
 
@@ -534,10 +570,22 @@ class MedNeXt(nn.Module):
 
     # -- public switches
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute every block's activations in the backward pass (less memory, ~30% more time)."""
-        self.grad_checkpointing = enable
-        self.config["grad_checkpointing"] = enable
+    def set_grad_checkpointing(self, enable: bool | str = True) -> None:
+        """Choose what the backward pass recomputes instead of storing (training with gradients only).
+
+        ``False`` or ``"none"``: nothing. ``True`` or ``"block"``: every block, whole (only block
+        inputs are stored; one extra forward pass of time). ``"cheap"``: in every block (down and
+        up blocks included) only norm -> 1x1 expansion -> GELU [-> GRN] (with the compression conv
+        reading their output): the depthwise conv's C-channel output is stored and the R*C-channel
+        tensors are not; the depthwise conv is not recomputed. Gradients are the same in all modes.
+        ``grad_checkpointing`` and ``config`` hold False, True (whole blocks) or ``"cheap"``.
+        """
+        mode = _checkpoint_mode(enable)
+        self.grad_checkpointing = mode
+        self.config["grad_checkpointing"] = mode
+        for module in self.modules():
+            if isinstance(module, MedNeXtBlock):
+                module.recompute_expansion = mode == "cheap"
 
     def set_fast_path(self, enable: bool = True) -> None:
         """Use the channels-last GEMM path (default) or the plain NCDHW convolutions (for debugging;
@@ -588,7 +636,7 @@ class MedNeXt(nn.Module):
     # -- forward
 
     def _run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+        if self.grad_checkpointing is True and self.training and torch.is_grad_enabled():
             return checkpoint(module, x, use_reentrant=False)
         return module(x)
 
@@ -667,7 +715,9 @@ def create_mednext(
         kernel_size: odd depthwise kernel size for every block (3 and 5 in the paper).
         spatial_dims: 2 or 3.
         deep_supervision: build and return the four extra heads in training mode.
-        **overrides: any other :class:`MedNeXt` argument, e.g. ``strides`` or ``grad_checkpointing``.
+        **overrides: any other :class:`MedNeXt` argument, e.g. ``strides`` or ``grad_checkpointing``
+            (M and L default to True, whole blocks; ``grad_checkpointing="cheap"`` recomputes only
+            norm, expansion and GELU).
     """
     key = str(preset).upper()
     if key not in PRESETS:
