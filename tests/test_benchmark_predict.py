@@ -144,3 +144,11 @@ def test_reuse_freed_memory_stops_page_faults_of_large_tensors():
         faults_of_big_allocations()  # the heap grows once to hold the block
         assert faults_of_big_allocations() < 4 * 1_000  # then the freed block is reused
     assert faults_of_big_allocations() > 4 * 10_000  # defaults are back
+
+
+def test_tile_batch_below_one_is_refused(tmp_path, capsys):
+    from mednext.cli import main
+
+    args = ["predict", "-i", str(tmp_path), "-o", str(tmp_path / "o"), "--dataset", "1", "--tile-batch", "0"]
+    assert main(args) == 2
+    assert "--tile-batch 0 must be at least 1" in capsys.readouterr().err

@@ -9,7 +9,9 @@ One 3D CT volume (by default the demo's cached TotalSegmentator example CT) is s
   (ours expressed in MONAI's layout by :func:`mednext.nn.weights.to_monai`, outputs compared on a
   random patch before anything is timed);
 - ``engine_ours`` (optional): the same stock predictor holding our network, which separates what
-  the network gains from what the predictor around it gains.
+  the network gains from what the predictor around it gains (it is what ``mednext predict`` ran
+  before it had its own CPU sliding window);
+- ``ours_1tile`` (optional): ``mednext predict`` with one tile per forward (the effect of batching).
 
 All read the same image file and the same plans (spacing, patch, normalisation), with tile step
 0.5, Gaussian weighting, mirroring on or off, one tile per forward of the engine, the same device
@@ -39,10 +41,11 @@ from typing import Any
 import numpy as np
 import torch
 
-VARIANTS = ("engine_monai", "engine_ours", "ours")
+VARIANTS = ("engine_monai", "engine_ours", "ours_1tile", "ours")
 LABELS = {
     "engine_monai": "nnUNetPredictor (stock) + MONAI 1.6.1 MedNeXt",
     "engine_ours": "nnUNetPredictor (stock) + our MedNeXt",
+    "ours_1tile": "mednext predict, 1 tile per forward",
     "ours": "mednext predict (ours)",
 }
 DATASET = "Dataset987_PredictBench"
@@ -311,6 +314,8 @@ def run_variant(
 ) -> None:
     if variant == "ours":
         predict_ours(setup, out_dir, tta, save_probabilities, tile_batch)
+    elif variant == "ours_1tile":
+        predict_ours(setup, out_dir, tta, save_probabilities, 1)
     elif variant == "engine_monai":
         predict_engine(setup, out_dir, tta, "monai", save_probabilities)
     elif variant == "engine_ours":

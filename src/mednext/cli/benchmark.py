@@ -23,7 +23,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=5, help="timed rounds; the median is reported (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed training steps per variant first (default 1)")
     p.add_argument(
-        "--variants", nargs="+", default=None, help="subset of monai monai_cl ours_plain ours (default: all four)"
+        "--variants",
+        nargs="+",
+        default=None,
+        help="step: subset of monai monai_cl ours_plain ours (default: all four); "
+        "predict: subset of engine_monai engine_ours ours_1tile ours (default: engine_monai ours)",
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")

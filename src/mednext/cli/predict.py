@@ -46,6 +46,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-tta", action="store_true", help="no mirroring test-time augmentation (faster)")
     p.add_argument("--step", type=_step, default=0.5, help="sliding-window step as a fraction of the patch (0.5)")
     p.add_argument("--save-probabilities", action="store_true", help="also write <case>.npz class probabilities")
+    p.add_argument(
+        "--tile-batch", type=int, default=2,
+        help="CPU: sliding-window tiles per network forward (default 2; 1 needs less memory)",
+    )  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -67,5 +71,6 @@ def run(args: argparse.Namespace) -> int:
         step_size=args.step,
         save_probabilities=args.save_probabilities,
         workdir=args.workdir,
+        tile_batch=args.tile_batch,
     )
     return 0

@@ -652,6 +652,8 @@ def predict(
     single case, a file path ending in the dataset's file ending. Every file is written to a temporary
     name in the same folder and moved into place, so a failed run leaves no partial output.
     """
+    if tile_batch < 1:
+        raise ValueError(f"--tile-batch {tile_batch} must be at least 1 (tiles per network forward)")
     use_workdir(workdir)
     trained = resolve_trained_model(dataset, configuration, model, kernel, plans)
     dataset_json = json.loads((trained.folder / "dataset.json").read_text())
