@@ -322,6 +322,13 @@ def test_shortened_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture
 
     results = Path(on_disk["files"]["results_folder"])
     assert (results / "checkpoint_final.pth").is_file()
+    # the default is 2.5D: two slices on either side as channels, recorded for prediction; no mirroring
+    assert on_disk["model"]["context_slices"] == 2
+    plans = json.loads((results.parent / "plans.json").read_text())
+    assert plans["configurations"]["2d"]["mednext_context_slices"] == 2
+    checkpoint = torch.load(results / "checkpoint_final.pth", map_location="cpu", weights_only=True)
+    assert checkpoint["network_weights"]["stem.weight"].shape[1] == 5
+    assert checkpoint["inference_allowed_mirroring_axes"] is None
     log = json.loads((results / "training_log.json").read_text())
     assert log["trainer"] == "MedNeXtTrainer_Sk3_demo" and len(log["epochs"]) == 1
 
