@@ -203,14 +203,35 @@ class MedNeXtBlock(nn.Module):
         if not is_channels_last(x):
             return self.conv1(x)
         conv = self.conv1
+        if ops.uses_cuda_route(x):
+            return self._depthwise_cuda(x)
         if isinstance(conv, nn.modules.conv._ConvTransposeNd):
             return ops.depthwise_conv_transpose(x, conv.weight, conv.bias, conv.stride)
         if any(s > 1 for s in conv.stride):
             return ops.depthwise_conv_strided(x, conv.weight, conv.bias, conv.stride)
         return ops.depthwise_conv(x, conv.weight, conv.bias)
 
+    def _depthwise_cuda(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.conv1
+        transposed = isinstance(conv, nn.modules.conv._ConvTransposeNd)
+        kernels = ops.triton_ops(x) if ops.CUDA_ROUTE["depthwise"] == "triton" else None
+        if kernels is not None and all(k % 2 == 1 for k in conv.kernel_size):
+            if transposed:
+                return kernels.depthwise_conv_transpose(x, conv.weight, conv.bias, conv.stride)
+            return kernels.depthwise_conv(x, conv.weight, conv.bias, conv.stride)
+        if transposed and ops.CUDA_ROUTE["up"] == "polyphase":
+            return ops.depthwise_conv_transpose_polyphase(x, conv.weight, conv.bias, conv.stride)
+        strided = not transposed and any(s > 1 for s in conv.stride)
+        if strided and ops.CUDA_ROUTE["down"] == "polyphase":
+            return ops.depthwise_conv_strided_polyphase(x, conv.weight, conv.bias, conv.stride)
+        return conv(x)
+
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.norm, nn.GroupNorm) and is_channels_last(x):
+            if ops.uses_cuda_route(x):
+                if ops.CUDA_ROUTE["norm"] == "manual":
+                    return ops.group_norm_channels_last(x, self.norm.weight, self.norm.bias, self.norm.eps)
+                return channels_last(self.norm(x))
             return ops.channel_group_norm(x, self.norm.weight, self.norm.bias, self.norm.eps)
         return self.norm(x)
 
@@ -343,7 +364,7 @@ class MedNeXtUpBlock(MedNeXtBlock):
         stride = self.conv1.stride
         if self.resample_residual:
             # A strided 1x1 transposed conv writes W^T x on every s-th voxel and only its bias elsewhere.
-            y = y + self.res_conv.bias.view(1, -1, *(1,) * len(stride))
+            y = y + self.res_conv.bias.to(y.dtype).view(1, -1, *(1,) * len(stride))
             on_grid = (slice(None), slice(None), *(slice(None, None, s) for s in stride))
             y[on_grid] += pointwise(x, self.res_conv.weight.flatten(1).t(), None)
         if not self._needs_pad:
@@ -650,6 +671,8 @@ class MedNeXt(nn.Module):
         if not exporting:
             self.check_input(x)
         fast = self.fast_path and not exporting
+        if x.is_cuda and ops.CUDA_ROUTE["layout"] == "plain":
+            fast = False  # measured fastest on CUDA (see ops.CUDA_ROUTE)
         if fast:
             x = channels_last(x)  # every block then takes its GEMM / channels-last path
         n = self.num_stages

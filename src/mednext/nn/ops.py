@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -182,3 +183,150 @@ class _ChannelGroupNorm(torch.autograd.Function):
 def channel_group_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     """``F.group_norm(x, C, weight, bias, eps)`` for channels-last ``x``, float32-accurate."""
     return _ChannelGroupNorm.apply(x, weight, bias, eps)
+
+
+# ----------------------------------------------------------------------------- polyphase forms
+#
+# A stride-s depthwise conv (or transposed conv) is a sum (or an interleave) of s^d stride-1
+# depthwise convs with sub-kernels on the s^d phases of the input (or output). These forms do
+# 1/s^d of the zero-insertion form's multiply-adds and need only stride-1 kernels, which are the
+# fast ones in every backend.
+
+
+def _transposed_phase(k: int, s: int, r: int) -> tuple[list[int], int, int] | None:
+    """Output phase ``r`` of a stride-``s`` transposed conv (odd kernel ``k``, padding k//2) as a
+    correlation over the input: kernel indices in correlation order, front and back padding."""
+    p = k // 2
+    ts = [t for t in range(-k, k + 1) if 0 <= s * t + r + p <= k - 1]
+    if not ts:
+        return None
+    lo, hi = min(ts), max(ts)
+    return [s * t + r + p for t in range(hi, lo - 1, -1)], hi, -lo
+
+
+def _strided_phase(k: int, s: int, q: int, n: int, m: int) -> tuple[list[int], int, int] | None:
+    """Input phase ``q`` of a stride-``s`` conv (odd kernel ``k``, padding k//2, ``n`` inputs and
+    ``m`` outputs along the axis) as a correlation over ``x[q::s]``: kernel indices, padding."""
+    p = k // 2
+    taps = [t for t in range(k) if (t - p - q) % s == 0]
+    length = len(range(q, n, s))
+    if not taps or length == 0:
+        return None
+    a_lo, a_hi = (taps[0] - p - q) // s, (taps[-1] - p - q) // s
+    return taps, -a_lo, (m - 1 + a_hi) - (length - 1)
+
+
+def _pad_args(pads: list[tuple[int, int]]) -> tuple[int, ...]:
+    return tuple(v for front, back in reversed(pads) for v in (front, back))
+
+
+def _sub_kernel(weight: torch.Tensor, index: list[list[int]]) -> torch.Tensor:
+    for axis, idx in enumerate(index):
+        weight = weight.index_select(2 + axis, torch.tensor(idx, device=weight.device))
+    return weight
+
+
+def depthwise_conv_transpose_polyphase(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: tuple[int, ...], conv=None
+) -> torch.Tensor:
+    """Depthwise transposed conv (odd kernel, padding k//2, output (N-1)*s+1 per axis) as s^d
+    stride-1 depthwise convs of the input with sub-kernels, interleaved into the output.
+    ``conv(x, w)`` is the stride-1, unpadded depthwise conv to use (default: PyTorch's)."""
+    conv = conv or (lambda t, w: _conv(t, w, None, (0,) * (t.ndim - 2)))
+    n, c, *spatial = x.shape
+    kernel = weight.shape[2:]
+    out_size = [(v - 1) * s + 1 for v, s in zip(spatial, stride)]
+    phases = []
+    for phase in itertools.product(*(range(s) for s in stride)):
+        parts = [_transposed_phase(k, s, r) for k, s, r in zip(kernel, stride, phase)]
+        if any(part is None for part in parts) or any(r > o - 1 for r, o in zip(phase, out_size)):
+            continue
+        w = _sub_kernel(weight, [part[0] for part in parts])
+        y = conv(F.pad(x, _pad_args([(part[1], part[2]) for part in parts])), w)
+        counts = [(o - 1 - r) // s + 1 for o, r, s in zip(out_size, phase, stride)]
+        phases.append((phase, y[(slice(None), slice(None), *(slice(0, m) for m in counts))]))
+    dtype = phases[0][1].dtype if phases else x.dtype  # autocast may have lowered the convs' dtype
+    out = x.new_zeros((n, c, *out_size), dtype=dtype)
+    if x.movedim(1, -1).is_contiguous():
+        out = out.contiguous(memory_format=torch.channels_last_3d if x.ndim == 5 else torch.channels_last)
+    if bias is not None:
+        out += bias.to(dtype).view(1, -1, *(1,) * len(stride))
+    for phase, y in phases:
+        out[(slice(None), slice(None), *(slice(r, None, s) for r, s in zip(phase, stride)))] += y
+    return out
+
+
+def depthwise_conv_strided_polyphase(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: tuple[int, ...], conv=None
+) -> torch.Tensor:
+    """Strided depthwise conv (odd kernel, padding k//2) as the sum of s^d stride-1 depthwise
+    convs of the input's phases ``x[q::s]`` with sub-kernels."""
+    conv = conv or (lambda t, w: _conv(t, w, None, (0,) * (t.ndim - 2)))
+    spatial = x.shape[2:]
+    kernel = weight.shape[2:]
+    out_size = [(v - 1) // s + 1 for v, s in zip(spatial, stride)]
+    out = None
+    for phase in itertools.product(*(range(s) for s in stride)):
+        parts = [_strided_phase(k, s, q, v, m) for k, s, q, v, m in zip(kernel, stride, phase, spatial, out_size)]
+        if any(part is None for part in parts):
+            continue
+        w = _sub_kernel(weight, [part[0] for part in parts])
+        xq = x[(slice(None), slice(None), *(slice(q, None, s) for q, s in zip(phase, stride)))]
+        y = conv(F.pad(xq, _pad_args([(part[1], part[2]) for part in parts])), w)
+        out = y if out is None else out + y
+    if bias is not None:
+        out = out + bias.to(out.dtype).view(1, -1, *(1,) * len(stride))
+    return out
+
+
+# ----------------------------------------------------------------------------- CUDA route
+#
+# On CUDA, PyTorch's depthwise convolutions in channels-last layout go to cuDNN, whose stride-1
+# forward and backward are fast; the fast path keeps the activations channels-last and uses them
+# directly (autograd through PyTorch's own kernels, so autocast works unchanged). Choices that
+# depend on measurements are kept in ``CUDA_ROUTE`` (see docs/benchmarks.md for the numbers).
+
+# "layout": on CUDA the plain NCDHW path is the default ("plain"), because the channels-last
+# route measured no faster on an H200 (L k5 128^3 fp16 training 1011 vs 1033 ms, inference 303
+# vs 220 ms); "channels_last" selects the route below, and MEDNEXT_CUDA_ROUTE=triton adds the Triton
+# depthwise kernels (verified against float64 on an H200; their speed is not measured yet).
+CUDA_ROUTE = {"layout": "plain", "depthwise": "native", "up": "polyphase", "down": "native", "norm": "manual"}
+_ROUTE_ENV = os.environ.get("MEDNEXT_CUDA_ROUTE", "plain")
+if _ROUTE_ENV not in ("plain", "channels_last", "triton"):
+    raise ValueError(f"MEDNEXT_CUDA_ROUTE={_ROUTE_ENV!r} is not supported; use plain, channels_last or triton")
+if _ROUTE_ENV != "plain":
+    CUDA_ROUTE.update(layout="channels_last", depthwise="triton" if _ROUTE_ENV == "triton" else "native")
+FORCE_CUDA_ROUTE = False  # tests set this to check the CUDA route's arithmetic on the CPU
+_TRITON: list = []
+
+
+def triton_ops(x: torch.Tensor):
+    """:mod:`mednext.nn.triton_ops` for a CUDA tensor when Triton is installed (it comes with
+    CUDA builds of PyTorch; on the CPU only under Triton's interpreter, for tests), else None."""
+    if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return None
+    if not _TRITON:
+        try:
+            from mednext.nn import triton_ops as module
+        except ImportError:
+            module = None
+        _TRITON.append(module)
+    return _TRITON[0]
+
+
+def uses_cuda_route(x: torch.Tensor) -> bool:
+    return x.is_cuda or FORCE_CUDA_ROUTE
+
+
+def group_norm_channels_last(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """GroupNorm with one group per channel that keeps a channels-last layout (PyTorch's CUDA
+    kernel returns a contiguous tensor); statistics in float32, output float32 like autocast's."""
+    spatial = tuple(range(2, x.ndim))
+    shape = (1, -1) + (1,) * len(spatial)
+    count = math.prod(x.shape[2:])
+    acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    mean = x.sum(dim=spatial, keepdim=True, dtype=acc).div_(count)
+    xc = x - mean
+    var = torch.linalg.vector_norm(xc, dim=spatial, keepdim=True).square() / count
+    scale = (var + eps).rsqrt() * weight.to(acc).view(shape)
+    return torch.addcmul(bias.to(acc).view(shape), xc, scale)

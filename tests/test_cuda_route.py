@@ -1,0 +1,145 @@
+"""The CUDA route of the fast path (polyphase strided / transposed depthwise convs, channels-last
+group norm, optional Triton kernels) computes the plain path's function.
+
+CI has no GPU, so the route's arithmetic is checked on the CPU (``ops.FORCE_CUDA_ROUTE``) in
+float64; the Triton kernels themselves are checked when Triton is installed, through its CPU
+interpreter (a subprocess, because the interpreter is chosen when the kernels are defined).
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mednext import MedNeXt
+from mednext.nn import ops
+
+ROUTES = [
+    {"depthwise": "native", "up": "polyphase", "down": "native", "norm": "manual"},
+    {"depthwise": "native", "up": "native", "down": "polyphase", "norm": "native"},
+]
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("kernel", [1, 3, 5, 7])
+@pytest.mark.parametrize("stride", [2, 3, "aniso"])
+def test_polyphase_forms_equal_pytorch_float64(dims, kernel, stride):
+    torch.manual_seed(kernel * 10 + dims)
+    stride = (1,) + (2,) * (dims - 1) if stride == "aniso" else (stride,) * dims
+    conv = F.conv3d if dims == 3 else F.conv2d
+    convt = F.conv_transpose3d if dims == 3 else F.conv_transpose2d
+    for size in ([5, 8, 9][:dims], [7, 6, 4][:dims]):
+        x = torch.randn(2, 3, *size, dtype=torch.float64)
+        x = x.contiguous(memory_format=torch.channels_last_3d if dims == 3 else torch.channels_last)
+        w = torch.randn(3, 1, *(kernel,) * dims, dtype=torch.float64)
+        b = torch.randn(3, dtype=torch.float64)
+        ref = convt(x, w, b, stride=stride, padding=kernel // 2, groups=3)
+        got = ops.depthwise_conv_transpose_polyphase(x, w, b, stride)
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+        assert got.movedim(1, -1).is_contiguous()  # stays channels-last
+        ref = conv(x, w, b, stride=stride, padding=kernel // 2, groups=3)
+        torch.testing.assert_close(ops.depthwise_conv_strided_polyphase(x, w, b, stride), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_polyphase_gradients_gradcheck():
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 4, 5, 3, dtype=torch.float64).contiguous(memory_format=torch.channels_last_3d)
+    x.requires_grad_(True)
+    w = torch.randn(2, 1, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: ops.depthwise_conv_transpose_polyphase(*a, (2, 2, 2)), (x, w, b))
+    assert torch.autograd.gradcheck(lambda *a: ops.depthwise_conv_strided_polyphase(*a, (2, 1, 2)), (x, w, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_channels_last_group_norm(dtype):
+    torch.manual_seed(1)
+    x = (5 + 2 * torch.randn(2, 6, 9, 10, 11, dtype=torch.float64)).contiguous(memory_format=torch.channels_last_3d)
+    w, b = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    ref = F.group_norm(x, 6, w, b, 1e-5)
+    got = ops.group_norm_channels_last(x.to(dtype), w, b, 1e-5)
+    assert got.dtype == (torch.float32 if dtype == torch.bfloat16 else dtype)  # like autocast's group norm
+    assert got.movedim(1, -1).is_contiguous()
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol)
+
+
+@pytest.fixture
+def forced_route():
+    saved = dict(ops.CUDA_ROUTE)
+    ops.FORCE_CUDA_ROUTE = True
+    yield ops.CUDA_ROUTE
+    ops.FORCE_CUDA_ROUTE = False
+    ops.CUDA_ROUTE.clear()
+    ops.CUDA_ROUTE.update(saved)
+
+
+@pytest.mark.parametrize("route", range(len(ROUTES)))
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {"spatial_dims": 3, "strides": [2, (1, 2, 2)], "kernel_sizes": [3, 5, 3, 5, 3]},
+        {"spatial_dims": 2, "strides": [2, 2, 2], "kernel_sizes": 5, "grn": True},
+    ],
+    ids=["3d", "2d"],
+)
+def test_cuda_route_equals_plain_path_float64(forced_route, route, cfg):
+    forced_route.update(ROUTES[route])
+    torch.manual_seed(route)
+    model = MedNeXt(2, 3, width=8, deep_supervision=True, **cfg).double().train()
+    for p in model.parameters():
+        p.data.add_(0.1 * torch.randn_like(p))
+    stride = model.total_stride
+    x = torch.randn(2, 2, *(2 * s + s for s in stride), dtype=torch.float64)
+    results = {}
+    for fast in (False, True):
+        model.set_fast_path(fast)
+        model.zero_grad(set_to_none=True)
+        outs = model(x)
+        sum((o.square().mean() + o.mean()) * (i + 1) for i, o in enumerate(outs)).backward()
+        results[fast] = ([o.detach() for o in outs], [p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*(results[f][0] for f in (True, False)), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    scale = max(g.abs().max().item() for g in results[False][1])
+    for a, b in zip(*(results[f][1] for f in (True, False)), strict=True):
+        torch.testing.assert_close(a / scale, b / scale, rtol=0, atol=1e-10)
+
+
+TRITON_CHECK = textwrap.dedent(
+    """
+    import torch, torch.nn.functional as F
+    from mednext.nn import triton_ops as T
+    torch.manual_seed(0)
+    worst = 0.0
+    for dims, k, s, size in ((2, 3, 2, (5, 6)),):  # the interpreter is slow; GPU runs cover the rest
+        c = 3
+        fmt = torch.channels_last_3d if dims == 3 else torch.channels_last
+        x = torch.randn(2, c, *size).contiguous(memory_format=fmt).requires_grad_(True)
+        w = torch.randn(c, 1, *(k,) * dims, requires_grad=True)
+        b = torch.randn(c, requires_grad=True)
+        conv, convt = (F.conv3d, F.conv_transpose3d) if dims == 3 else (F.conv2d, F.conv_transpose2d)
+        for ours, ref in ((T.depthwise_conv, conv), (T.depthwise_conv_transpose, convt)):
+            a = ours(x, w, b, (s,) * dims)
+            r = ref(x.double(), w.double(), b.double(), stride=s, padding=k // 2, groups=c)
+            g = torch.randn_like(r)
+            ga = torch.autograd.grad(a, (x, w, b), g.float())
+            gr = torch.autograd.grad(r, (x, w, b), g)
+            for u, v in zip((a, *ga), (r, *gr)):
+                assert u.shape == v.shape, (u.shape, v.shape)
+                worst = max(worst, ((u.double() - v).norm() / v.norm()).item())
+    print(worst)
+    """
+)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (CPU builds of torch)")
+def test_triton_kernels_under_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", TRITON_CHECK], capture_output=True, text=True, env=env, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert float(proc.stdout.strip().splitlines()[-1]) < 1e-5  # float32 accumulation against float64
