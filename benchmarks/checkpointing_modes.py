@@ -96,7 +96,7 @@ def main() -> int:
                 raise RuntimeError(proc.stderr[-2000:])
             runs[mode].append(json.loads(proc.stdout.strip().splitlines()[-1]))
             print(f"round {r} {mode}: {runs[mode][-1]}", file=sys.stderr, flush=True)
-    ref = statistics.median(v["step_s"] for v in runs[a.modes[0]])
+    ref = statistics.median(v["step_s"] for v in runs["none" if "none" in runs else a.modes[0]])
     print(f"\nMedNeXt-{a.model} k{a.kernel} 3D, {a.patch}^3, batch {a.batch}, {a.threads} thread(s), {a.rounds} rounds")
     print("\n| mode | saved activations MiB | peak-RSS rise MiB (median) | step s (median) | x time of none |")
     print("|---|---|---|---|---|")
