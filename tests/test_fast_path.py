@@ -59,3 +59,28 @@ def test_fast_path_is_default_and_switchable_by_environment(monkeypatch):
     assert create_mednext("S", 1, 2).fast_path
     monkeypatch.setenv("MEDNEXT_FAST_PATH", "0")
     assert not create_mednext("S", 1, 2).fast_path
+
+
+def test_fast_path_under_cpu_bfloat16_autocast():
+    """The custom channels-last ops follow autocast's dtypes, so a bfloat16 autocast step runs
+    and stays as close to the float32 result as the plain path's autocast step."""
+    torch.manual_seed(3)
+    model = MedNeXt(2, 3, width=8, deep_supervision=True, spatial_dims=3, strides=[2, 2], kernel_sizes=3).train()
+    x = torch.randn(2, 2, 8, 8, 8)
+    model.set_fast_path(False)
+    ref_out, ref_grads = _run(model, x, fast=False)
+    errors = {}
+    for fast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model.set_fast_path(fast)
+            model.zero_grad(set_to_none=True)
+            outs = model(x)
+            loss = sum((o.float().square().mean() + o.float().mean()) * (i + 1) for i, o in enumerate(outs))
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters()}
+        out_err = max(((o.float() - r).norm() / r.norm()).item() for o, r in zip(outs, ref_out, strict=True))
+        scale = max(g.abs().max().item() for g in ref_grads.values())
+        grad_err = max((grads[n].float() - g).abs().max().item() / scale for n, g in ref_grads.items())
+        errors[fast] = (out_err, grad_err)
+    assert errors[True][0] < 3e-2 and errors[True][1] < 3e-2, errors
+    assert errors[True][0] < 3 * errors[False][0] + 1e-3, errors  # no worse than autocast's own error

@@ -96,8 +96,21 @@ class _DepthwiseConv(torch.autograd.Function):
         return gx, gw, gb
 
 
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast runs convolutions in on this device, or None when it is off."""
+    try:
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    except (TypeError, AttributeError):  # torch < 2.4 has no per-device queries
+        return None
+
+
 def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Stride-1 depthwise conv with padding k//2 (odd kernels), fast backward."""
+    """Stride-1 depthwise conv with padding k//2 (odd kernels), fast backward. Under autocast it
+    runs in autocast's dtype, like PyTorch's convolutions (the backward then sees one dtype)."""
+    dtype = _autocast_dtype(x.device.type)
+    if dtype is not None:
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
     return _DepthwiseConv.apply(x, weight, bias)
 
 
@@ -181,7 +194,10 @@ class _ChannelGroupNorm(torch.autograd.Function):
 
 
 def channel_group_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """``F.group_norm(x, C, weight, bias, eps)`` for channels-last ``x``, float32-accurate."""
+    """``F.group_norm(x, C, weight, bias, eps)`` for channels-last ``x``, float32-accurate; under
+    autocast in float32, as autocast runs PyTorch's group norm."""
+    if _autocast_dtype(x.device.type) is not None:
+        x, weight, bias = x.float(), weight.float(), bias.float()
     return _ChannelGroupNorm.apply(x, weight, bias, eps)
 
 
