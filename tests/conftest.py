@@ -1,7 +1,33 @@
 """Shared test fixtures."""
 
+import os
+
 import pytest
 import torch
+
+_ENGINE_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+_ORIGINAL = {var: os.environ.get(var) for var in _ENGINE_VARS}  # the user's, before any test ran
+
+
+def _restore_engine_vars() -> None:
+    from mednext.pipeline import workdir
+
+    for var, value in _ORIGINAL.items():
+        if value is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = value
+    workdir._SET_HERE.clear()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_engine_folders():
+    """Every test starts with the engine's folder variables as the user had them: the pipeline
+    points them at a test's working folder, and a fixture's monkeypatch teardown could otherwise
+    restore one test's folder into the next test (seen: the demo test wrote into another test's)."""
+    _restore_engine_vars()
+    yield
+    _restore_engine_vars()
 
 
 @pytest.fixture

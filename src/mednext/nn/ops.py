@@ -98,9 +98,11 @@ class _DepthwiseConv(torch.autograd.Function):
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype autocast runs convolutions in on this device, or None when it is off."""
+    if device_type not in ("cpu", "cuda"):  # e.g. the meta device of the MAC and memory estimates
+        return None
     try:
         return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-    except (TypeError, AttributeError):  # torch < 2.4 has no per-device queries
+    except (TypeError, AttributeError, RuntimeError):  # torch < 2.4 has no per-device queries
         return None
 
 
