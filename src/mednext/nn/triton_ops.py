@@ -36,10 +36,8 @@ def _dw_fwd(
     C, ID, IH, IW, OD, OH, OW,
     sxn, sxc, sxd, sxh, sxw,
     syn, syc, syd, syh, syw,
-    PD, PH, PW,
-    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-    HAS_BIAS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+    PD, PH, PW, KD, KH, SD, SH, SW,
+    KW: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)  # one output row (n, od, oh)
     oh = row % OH
@@ -50,9 +48,9 @@ def _dw_fwd(
     cmask = c < C
     acc = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
     x_row = x_ptr + n * sxn + c[None, :] * sxc
-    for kd in tl.static_range(KD):
+    for kd in range(KD):  # runtime loops over depth and height taps keep one compiled kernel per KW
         idd = od * SD + kd - PD
-        for kh in tl.static_range(KH):
+        for kh in range(KH):
             ih = oh * SH + kh - PH
             row_ok = (idd >= 0) & (idd < ID) & (ih >= 0) & (ih < IH)
             for kw in tl.static_range(KW):
@@ -75,10 +73,8 @@ def _dw_wgrad(
     C, ID, IH, IW, OD, OH, OW, ROWS, ROWS_PER_PROG,
     sxn, sxc, sxd, sxh, sxw,
     sgn, sgc, sgd, sgh, sgw,
-    PD, PH, PW,
-    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, KW_PAD: tl.constexpr,
-    SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-    BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+    PD, PH, PW, KD, KH, SD, SH, SW,
+    KW: tl.constexpr, KW_PAD: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     tap = tl.program_id(0)  # kd * KH + kh; the KW taps along the last axis share every load of g
     kd = tap // KH
@@ -150,9 +146,8 @@ def conv_forward(
     _dw_fwd[grid](
         x5, w5, bias if bias is not None else w5, o5,
         c, i_d, i_h, i_w, o_d, o_h, o_w,
-        *x5.stride(), *o5.stride(), *pad,
-        KD=w5.shape[2], KH=w5.shape[3], KW=w5.shape[4], SD=st[0], SH=st[1], SW=st[2],
-        HAS_BIAS=bias is not None, BLOCK_W=block_w, BLOCK_C=block_c,
+        *x5.stride(), *o5.stride(), *pad, w5.shape[2], w5.shape[3], *st,
+        KW=w5.shape[4], HAS_BIAS=bias is not None, BLOCK_W=block_w, BLOCK_C=block_c,
     )  # fmt: skip
     return out
 
@@ -179,9 +174,8 @@ def weight_grad(
     _dw_wgrad[(taps, cblocks, chunks)](
         x5, g5, part,
         c, i_d, i_h, i_w, o_d, o_h, o_w, rows, per_prog,
-        *x5.stride(), *g5.stride(), *pad,
-        KD=kern[0], KH=kern[1], KW=kern[2], KW_PAD=kw_pad, SD=st[0], SH=st[1], SW=st[2],
-        BLOCK_W=block_w, BLOCK_C=block_c,
+        *x5.stride(), *g5.stride(), *pad, kern[0], kern[1], *st,
+        KW=kern[2], KW_PAD=kw_pad, BLOCK_W=block_w, BLOCK_C=block_c,
     )  # fmt: skip
     gw = part[:, :, : kern[2]].sum(dim=0)  # (KD*KH, KW, C)
     return gw.permute(2, 0, 1).reshape(c, 1, *kernel)
