@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mednext.nn.ops import _transposed_phase
+from mednext.nn.ops import _autocast_dtype, _sub_kernel, _transposed_phase
 
 
 @triton.jit
@@ -204,17 +204,19 @@ def transposed(
         ps = parts[ph]
         if any(p is None for p in ps) or any(r >= o for r, o in zip(ph, out_size)):
             continue
-        sub = weight
-        for axis, p in enumerate(ps):
-            sub = sub.index_select(2 + axis, torch.tensor(p[0], device=weight.device))
+        sub = _sub_kernel(weight, [p[0] for p in ps])
         view = out[(slice(None), slice(None), *(slice(r, None, s) for r, s in zip(ph, stride)))]
         conv_forward(x, sub, bias, (1,) * len(stride), tuple(p[1] for p in ps), view)
     return out
 
 
 def _autocast(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-    dtype = torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else x.dtype
+    dtype = _autocast_dtype(x.device.type) or x.dtype
     return x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
+def _bias_grad(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return grad.sum(dim=(0, *range(2, grad.ndim)), dtype=torch.float32).to(weight.dtype)
 
 
 class _DepthwiseConv(torch.autograd.Function):
@@ -242,7 +244,7 @@ class _DepthwiseConv(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             gw = weight_grad(x, grad, kernel, ctx.stride, padding).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = grad.sum(dim=(0, *range(2, grad.ndim)), dtype=torch.float32).to(weight.dtype)
+            gb = _bias_grad(grad, weight)
         return gx, gw, gb, None
 
 
@@ -268,7 +270,7 @@ class _DepthwiseConvTranspose(torch.autograd.Function):
         if ctx.needs_input_grad[1]:  # the strided conv's weight gradient with x and grad swapped
             gw = weight_grad(grad, x, kernel, ctx.stride, padding).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = grad.sum(dim=(0, *range(2, grad.ndim)), dtype=torch.float32).to(weight.dtype)
+            gb = _bias_grad(grad, weight)
         return gx, gw, gb, None
 
 
