@@ -84,6 +84,14 @@ def section(name):
     return wrap
 
 
+# GPU_FORMS="ncdhw:native,cl:triton" limits the ops section to those layout:form pairs
+FORMS = os.environ.get("GPU_FORMS")
+
+
+def wanted(layout: str, form: str) -> bool:
+    return FORMS is None or f"{layout}:{form}" in FORMS.split(",")
+
+
 def cl(t):
     return t.contiguous(memory_format=torch.channels_last_3d)
 
@@ -182,6 +190,44 @@ def correctness():
     dump()
 
 
+@section("route_check")
+def route_check(preset: str = "L", kernel: int = 5, size: int = 64):
+    """The chosen CUDA route (e.g. the Triton kernels) against the plain path on one network,
+    float32 with TF32 off: outputs and every parameter gradient, on a fresh random input."""
+    from mednext import create_mednext
+    from mednext.nn import ops
+
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(2)
+    m = create_mednext(preset, kernel_size=kernel, in_channels=1, num_classes=4, deep_supervision=True).to(DEV)
+    m.train().set_grad_checkpointing(False)
+    x = torch.randn(1, 1, size, size, size, device=DEV)
+    default_route = dict(ops.CUDA_ROUTE)
+    res = {}
+    for route in ("plain", "triton"):
+        ops.CUDA_ROUTE.clear()
+        ops.CUDA_ROUTE.update(default_route)
+        if route == "triton":
+            ops.CUDA_ROUTE.update(layout="channels_last", depthwise="triton")
+        m.zero_grad()
+        t0 = time.time()
+        outs = m(x)
+        loss = sum((o * torch.linspace(-1, 1, o.numel(), device=DEV).view_as(o)).sum() for o in outs)
+        loss.backward()
+        sync()
+        res[route] = ([o.detach().clone() for o in outs], [p.grad.clone() for p in m.parameters()])
+        log(f"route_check {route}: first forward+backward {time.time() - t0:.1f} s")
+    ops.CUDA_ROUTE.clear()
+    ops.CUDA_ROUTE.update(default_route)
+    fo = max(((a - b).norm() / b.norm()).item() for a, b in zip(res["triton"][0], res["plain"][0]))
+    scale = max(b.abs().max().item() for b in res["plain"][1])
+    fg = max((a - b).abs().max().item() for a, b in zip(res["triton"][1], res["plain"][1])) / scale
+    RESULTS["route_check"] = {f"{preset}k{kernel} {size}^3": {"outputs_rel": fo, "grads_rel_max": fg}}
+    log(f"route_check triton vs plain {preset} k{kernel} {size}^3 float32: outputs {fo:.2e}, grads {fg:.2e}")
+    dump()
+
+
 @section("ops")
 def op_timings():
     from mednext.nn import ops
@@ -206,19 +252,24 @@ def op_timings():
             w = torch.randn(c, 1, 5, 5, 5, device=DEV, dtype=half, requires_grad=True)
             native = lambda x, w: F.conv3d(x, w, None, padding=2, groups=x.shape[1])  # noqa: E731
             key = f"dw k5 s1 {c}x{s}^3 {layout}"
-            with torch.no_grad():
-                f = timed(lambda: native(x, w))
-            fbt = timed(fb(native, x, w), repeats=3, warmup=1)
-            res[key] = {"fwd_ms": f, "fwd_bwd_ms": fbt}
-            log(f"{key}: fwd {f:.2f} ms, fwd+bwd {fbt:.2f} ms")
+            if wanted(layout, "native"):
+                with torch.no_grad():
+                    f = timed(lambda: native(x, w))
+                fbt = timed(fb(native, x, w), repeats=3, warmup=1)
+                res[key] = {"fwd_ms": f, "fwd_bwd_ms": fbt}
+                log(f"{key}: fwd {f:.2f} ms, fwd+bwd {fbt:.2f} ms")
             kernels = ops.triton_ops(x)
-            if layout == "cl" and kernels is not None:
+            if layout == "cl" and kernels is not None and wanted(layout, "triton"):
                 tri = lambda x, w: kernels.depthwise_conv(x, w, None, (1, 1, 1))  # noqa: E731
                 with torch.no_grad():
                     f = timed(lambda: tri(x, w))
                 fbt = timed(fb(tri, x, w), repeats=3, warmup=1)
-                res[key + " triton"] = {"fwd_ms": f, "fwd_bwd_ms": fbt}
-                log(f"{key} triton: fwd {f:.2f} ms, fwd+bwd {fbt:.2f} ms")
+                g = torch.ones_like(x)
+                with torch.no_grad():
+                    wg = timed(lambda: kernels.weight_grad(x, g, (5, 5, 5), (1, 1, 1), (2, 2, 2)), repeats=3)
+                    xg = timed(lambda: kernels.transposed(g, w, None, (1, 1, 1), tuple(x.shape[2:])), repeats=3)
+                res[key + " triton"] = {"fwd_ms": f, "fwd_bwd_ms": fbt, "wgrad_ms": wg, "xgrad_ms": xg}
+                log(f"{key} triton: fwd {f:.2f} ms, fwd+bwd {fbt:.2f} ms (weight grad {wg:.2f}, input grad {xg:.2f})")
     # strided (down) and transposed (up) k5, stride 2, at the full-resolution stage
     for c, s in SHAPES["down"]:
         for layout in ("ncdhw", "cl"):
@@ -232,6 +283,8 @@ def op_timings():
                 "triton": lambda x, w: ops.triton_ops(x).depthwise_conv(x, w, None, (2, 2, 2)),
             }
             for name, fn in forms.items():
+                if not wanted(layout, name):
+                    continue
                 key = f"down k5 s2 {c}x{s}^3 {layout} {name}"
                 try:
                     with torch.no_grad():
@@ -261,6 +314,8 @@ def op_timings():
                 "triton": lambda x, w: ops.triton_ops(x).depthwise_conv_transpose(x, w, None, (2, 2, 2)),
             }
             for name, fn in forms.items():
+                if not wanted(layout, name):
+                    continue
                 key = f"up k5 s2 {c}x{s}^3 {layout} {name}"
                 try:
                     with torch.no_grad():
@@ -364,8 +419,12 @@ def profile(preset: str, kernel: int, size: int, batch: int, variant: str, out_d
     from torch.profiler import profile as tprofile
 
     from mednext.benchmark import build_variants
+    from mednext.nn import ops
 
     torch.backends.cudnn.benchmark = True
+    if "@" in variant:  # e.g. ours@layout=channels_last,depthwise=triton
+        variant, route = variant.split("@")
+        ops.CUDA_ROUTE.update(dict(kv.split("=") for kv in route.split(",")))
     model = build_variants(preset, kernel, 3, 1, 4)[variant].to(DEV).train()
     if hasattr(model, "set_grad_checkpointing"):
         model.set_grad_checkpointing(False)
@@ -422,6 +481,8 @@ def main(argv=None):
     for name in args.sections:  # in the order given
         if name == "correctness":
             correctness()
+        elif name == "route_check":
+            route_check(args.preset, args.kernel, 64)
         elif name == "ops":
             op_timings()
         elif name == "steps":

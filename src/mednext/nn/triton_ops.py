@@ -83,7 +83,8 @@ def _dw_wgrad(
     cmask = c < C
     chunk = tl.program_id(2)
     kwi = tl.arange(0, KW_PAD)
-    acc = tl.zeros((KW_PAD, BLOCK_C), dtype=tl.float32)
+    # one float32 partial sum per (tap along the last axis, voxel, channel), reduced once at the end
+    acc = tl.zeros((KW_PAD, BLOCK_W, BLOCK_C), dtype=tl.float32)
     r_start = chunk.to(tl.int64) * ROWS_PER_PROG
     for i in range(0, ROWS_PER_PROG):
         row = r_start + i
@@ -94,19 +95,18 @@ def _dw_wgrad(
         ih = oh * SH + kh - PH
         if (row < ROWS) & (idd >= 0) & (idd < ID) & (ih >= 0) & (ih < IH):
             g_row = g_ptr + n * sgn + od * sgd + oh * sgh + c[None, :] * sgc
-            x_row = x_ptr + n * sxn + idd * sxd + ih * sxh + c[None, :] * sxc
+            x_row = x_ptr + n * sxn + idd * sxd + ih * sxh + c[None, None, :] * sxc
             for w0 in range(0, OW, BLOCK_W):
                 ow = w0 + tl.arange(0, BLOCK_W)
                 om = ow < OW
                 gv = tl.load(g_row + ow[:, None] * sgw, mask=om[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-                for kw in tl.static_range(KW):
-                    iw = ow * SW + kw - PW
-                    m = om & (iw >= 0) & (iw < IW)
-                    xv = tl.load(x_row + iw[:, None] * sxw, mask=m[:, None] & cmask[None, :], other=0.0)
-                    part = tl.sum(gv * xv.to(tl.float32), axis=0)
-                    acc += tl.where(kwi[:, None] == kw, part[None, :], 0.0)
+                iw = ow[None, :] * SW + kwi[:, None] - PW  # (KW_PAD, BLOCK_W)
+                m = om[None, :] & (iw >= 0) & (iw < IW) & (kwi[:, None] < KW)
+                xv = tl.load(x_row + iw[:, :, None] * sxw, mask=m[:, :, None] & cmask[None, None, :], other=0.0)
+                acc += gv[None, :, :] * xv.to(tl.float32)
+    part = tl.sum(acc, axis=1)  # (KW_PAD, BLOCK_C)
     out = part_ptr + ((chunk * (KD * KH) + tap) * KW_PAD + kwi[:, None]) * C + c[None, :]
-    tl.store(out, acc, mask=(kwi < KW)[:, None] & cmask[None, :])
+    tl.store(out, part, mask=(kwi < KW)[:, None] & cmask[None, :])
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -163,13 +163,14 @@ def weight_grad(
     n, c, i_d, i_h, i_w = x5.shape
     _, _, o_d, o_h, o_w = g5.shape
     rows = n * o_d * o_h
-    block_w, block_c = _blocks(c)
+    kw_pad = triton.next_power_of_2(kern[2])
+    block_c = 32 if c <= 32 else 64
+    block_w = max(1, 4096 // (block_c * kw_pad))  # a float32 accumulator of 4096 values
     taps, cblocks = kern[0] * kern[1], triton.cdiv(c, block_c)
     target = 4 * (torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 2)
     chunks = max(1, min(rows, triton.cdiv(target, taps * cblocks)))
     per_prog = triton.cdiv(rows, chunks)
     chunks = triton.cdiv(rows, per_prog)
-    kw_pad = triton.next_power_of_2(kern[2])
     part = torch.empty((chunks, taps, kw_pad, c), device=x.device, dtype=torch.float32)
     _dw_wgrad[(taps, cblocks, chunks)](
         x5, g5, part,
