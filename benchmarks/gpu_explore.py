@@ -210,6 +210,8 @@ def route_check(preset: str = "L", kernel: int = 5, size: int = 64):
         ops.CUDA_ROUTE.update(default_route)
         if route == "triton":
             ops.CUDA_ROUTE.update(layout="channels_last", depthwise="triton")
+        else:
+            ops.CUDA_ROUTE.update(layout="plain", depthwise="native")
         m.zero_grad()
         t0 = time.time()
         outs = m(x)
@@ -261,14 +263,36 @@ def op_timings():
             kernels = ops.triton_ops(x)
             if layout == "cl" and kernels is not None and wanted(layout, "triton"):
                 tri = lambda x, w: kernels.depthwise_conv(x, w, None, (1, 1, 1))  # noqa: E731
+                by_rows = {}
+                for rows in (1, 2, 4):  # output rows per forward program
+                    kernels.FWD_ROWS = rows
+                    with torch.no_grad():
+                        by_rows[rows] = timed(lambda: tri(x, w))
+                    log(f"{key} triton fwd, {rows} output rows per program: {by_rows[rows]:.2f} ms")
+                if c == SHAPES["s1"][0][0]:  # choose by the full-resolution stage
+                    kernels.FWD_ROWS = min(by_rows, key=by_rows.get)
+                    RESULTS["fwd_rows"] = kernels.FWD_ROWS
+                    log(f"FWD_ROWS set to {kernels.FWD_ROWS}")
                 with torch.no_grad():
                     f = timed(lambda: tri(x, w))
                 fbt = timed(fb(tri, x, w), repeats=3, warmup=1)
                 g = torch.ones_like(x)
+                by_programs = {}
+                for per_sm in (2, 4, 8, 16):  # weight-gradient programs per multiprocessor
+                    kernels.WGRAD_PROGRAMS_PER_SM = per_sm
+                    with torch.no_grad():
+                        by_programs[per_sm] = timed(
+                            lambda: kernels.weight_grad(x, g, (5, 5, 5), (1, 1, 1), (2, 2, 2)), repeats=3
+                        )
+                    log(f"{key} triton weight grad, {per_sm} programs per SM: {by_programs[per_sm]:.2f} ms")
+                if c == SHAPES["s1"][0][0]:
+                    kernels.WGRAD_PROGRAMS_PER_SM = min(by_programs, key=by_programs.get)
+                    RESULTS["wgrad_programs_per_sm"] = kernels.WGRAD_PROGRAMS_PER_SM
+                    log(f"WGRAD_PROGRAMS_PER_SM set to {kernels.WGRAD_PROGRAMS_PER_SM}")
                 with torch.no_grad():
                     wg = timed(lambda: kernels.weight_grad(x, g, (5, 5, 5), (1, 1, 1), (2, 2, 2)), repeats=3)
                     xg = timed(lambda: kernels.transposed(g, w, None, (1, 1, 1), tuple(x.shape[2:])), repeats=3)
-                res[key + " triton"] = {"fwd_ms": f, "fwd_bwd_ms": fbt, "wgrad_ms": wg, "xgrad_ms": xg}
+                res[key + " triton"] = {"fwd_ms": f, "fwd_bwd_ms": fbt, "wgrad_ms": wg, "xgrad_ms": xg, "rows": by_rows}
                 log(f"{key} triton: fwd {f:.2f} ms, fwd+bwd {fbt:.2f} ms (weight grad {wg:.2f}, input grad {xg:.2f})")
     # strided (down) and transposed (up) k5, stride 2, at the full-resolution stage
     for c, s in SHAPES["down"]:
@@ -490,9 +514,9 @@ def main(argv=None):
         elif name.startswith("profile"):  # profile or profile:VARIANT
             variant = name.split(":")[1] if ":" in name else "monai"
             profile(args.preset, args.kernel, args.size, args.batch, variant, args.out)
-        elif name.startswith("also:"):  # also:S:3 runs MONAI and ours for another preset and kernel
+        elif name.startswith("also:"):  # also:S:3 runs MONAI and ours (Triton route) for another preset, kernel
             _, preset, kernel = name.split(":")
-            steps(preset, int(kernel), args.size, args.batch, ["monai", "ours"])
+            steps(preset, int(kernel), args.size, args.batch, ["monai", "ours@layout=channels_last,depthwise=triton"])
     with open(os.path.join(args.out, "gpu_explore.json"), "w") as f:
         json.dump(RESULTS, f, indent=1)
     return 0

@@ -82,7 +82,7 @@ def test_cheap_mode_under_autocast_gives_the_gradients_of_no_checkpointing(route
     model.set_fast_path(route != "plain")
     if route == "cuda-route":
         monkeypatch.setattr(ops, "FORCE_CUDA_ROUTE", True)
-    x = torch.randn(2, 2, 8, 8, 8)
+    x = torch.randn(2, 2, 8, 8, 8, generator=torch.Generator().manual_seed(5))
     loss_ref, grads_ref = _loss_and_grads(model, x, False, autocast=True)
     for mode in (True, "cheap"):
         loss, grads = _loss_and_grads(model, x, mode, autocast=True)

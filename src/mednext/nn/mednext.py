@@ -215,7 +215,11 @@ class MedNeXtBlock(nn.Module):
         conv = self.conv1
         transposed = isinstance(conv, nn.modules.conv._ConvTransposeNd)
         kernels = ops.triton_ops(x) if ops.CUDA_ROUTE["depthwise"] == "triton" else None
-        if kernels is not None and all(k % 2 == 1 for k in conv.kernel_size):
+        if (
+            kernels is not None
+            and all(k % 2 == 1 for k in conv.kernel_size)
+            and conv.kernel_size[-1] <= kernels.MAX_LAST_TAPS
+        ):
             if transposed:
                 return kernels.depthwise_conv_transpose(x, conv.weight, conv.bias, conv.stride)
             return kernels.depthwise_conv(x, conv.weight, conv.bias, conv.stride)
@@ -672,7 +676,7 @@ class MedNeXt(nn.Module):
             self.check_input(x)
         fast = self.fast_path and not exporting
         if x.is_cuda and ops.CUDA_ROUTE["layout"] == "plain":
-            fast = False  # measured fastest on CUDA (see ops.CUDA_ROUTE)
+            fast = False  # CUDA without Triton: the plain layout measured fastest (see ops.CUDA_ROUTE)
         if fast:
             x = channels_last(x)  # every block then takes its GEMM / channels-last path
         n = self.num_stages

@@ -18,6 +18,7 @@ own convolutions in float64.
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import math
 import os
@@ -304,12 +305,17 @@ def depthwise_conv_strided_polyphase(
 # directly (autograd through PyTorch's own kernels, so autocast works unchanged). Choices that
 # depend on measurements are kept in ``CUDA_ROUTE`` (see docs/benchmarks.md for the numbers).
 
-# "layout": on CUDA the plain NCDHW path is the default ("plain"), because the channels-last
-# route measured no faster on an H200 (L k5 128^3 fp16 training 1011 vs 1033 ms, inference 303
-# vs 220 ms); "channels_last" selects the route below, and MEDNEXT_CUDA_ROUTE=triton adds the Triton
-# depthwise kernels (verified against float64 on an H200; their speed is not measured yet).
+# "layout": "channels_last" keeps activations channels-last on CUDA (the route below), "plain" runs
+# the plain NCDHW path. "depthwise": "triton" runs MedNeXt's depthwise convolutions through our
+# Triton kernels (mednext.nn.triton_ops), the default where Triton is installed (it ships with
+# CUDA builds of PyTorch): on an H200, L k5 128^3 fp16 training took 426 ms against 1035 ms for
+# MONAI's MedNeXt. Without Triton the default is the plain path, because the channels-last route
+# with PyTorch's own depthwise kernels measured no faster (training 1011 vs 1033 ms, inference 303
+# vs 220 ms). MEDNEXT_CUDA_ROUTE=plain|channels_last|triton overrides the choice.
 CUDA_ROUTE = {"layout": "plain", "depthwise": "native", "up": "polyphase", "down": "native", "norm": "manual"}
-_ROUTE_ENV = os.environ.get("MEDNEXT_CUDA_ROUTE", "plain")
+_ROUTE_ENV = os.environ.get(
+    "MEDNEXT_CUDA_ROUTE", "triton" if importlib.util.find_spec("triton") is not None else "plain"
+)
 if _ROUTE_ENV not in ("plain", "channels_last", "triton"):
     raise ValueError(f"MEDNEXT_CUDA_ROUTE={_ROUTE_ENV!r} is not supported; use plain, channels_last or triton")
 if _ROUTE_ENV != "plain":

@@ -15,7 +15,7 @@ training step (docs/benchmarks.md). Two generic kernels cover every form MedNeXt
   with the roles of ``x`` and ``g`` swapped, of the transposed conv), reduced in float32.
 
 Accumulation is float32 for every input dtype; under CUDA autocast the wrappers run in the
-autocast dtype like PyTorch's convolutions. tests/test_triton_ops.py checks every form against
+autocast dtype like PyTorch's convolutions. tests/test_cuda_route.py checks every form against
 PyTorch's convolutions (on the CPU through Triton's interpreter when no GPU is present).
 """
 
@@ -33,38 +33,62 @@ from mednext.nn.ops import _autocast_dtype, _sub_kernel, _transposed_phase
 @triton.jit
 def _dw_fwd(
     x_ptr, w_ptr, b_ptr, y_ptr,
-    C, ID, IH, IW, OD, OH, OW,
+    C, ID, IH, IW, OD, OH, OW, OHB,
     sxn, sxc, sxd, sxh, sxw,
     syn, syc, syd, syh, syw,
     PD, PH, PW, KD, KH, SD, SH, SW,
-    KW: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+    KW: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0).to(tl.int64)  # one output row (n, od, oh)
-    oh = row % OH
-    od = (row // OH) % OD
-    n = row // (OH * OD)
-    ow = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
-    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    # One program: BLOCK_H consecutive output rows (n, od, oh0 .. oh0 + BLOCK_H - 1) x BLOCK_W voxels
+    # x BLOCK_C channels. Each input row it reads feeds every output row of the block whose kernel
+    # reaches it, so an input row is loaded once per (kd, kw) instead of once per output row and kh.
+    # Weights are laid out (KD * KH * KW, C): one tap's weights are contiguous over channels.
+    pid = tl.program_id(0).to(tl.int64)
+    ohb = pid % OHB
+    od = (pid // OHB) % OD
+    n = pid // (OHB * OD)
+    oh0 = ohb * BLOCK_H
+    r = tl.arange(0, BLOCK_H)[:, None, None]
+    ow = (tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W))[None, :, None]
+    c = (tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C))[None, None, :]
     cmask = c < C
-    acc = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-    x_row = x_ptr + n * sxn + c[None, :] * sxc
-    for kd in range(KD):  # runtime loops over depth and height taps keep one compiled kernel per KW
+    acc = tl.zeros((BLOCK_H, BLOCK_W, BLOCK_C), dtype=tl.float32)
+    x_base = x_ptr + n * sxn + c * sxc
+    ih0 = oh0 * SH - PH
+    for kd in range(KD):  # runtime loops over depth taps and input rows: one compiled kernel per KW
         idd = od * SD + kd - PD
-        for kh in range(KH):
-            ih = oh * SH + kh - PH
-            row_ok = (idd >= 0) & (idd < ID) & (ih >= 0) & (ih < IH)
+        d_ok = (idd >= 0) & (idd < ID)
+        for j in range((BLOCK_H - 1) * SH + KH):
+            ih = ih0 + j
+            row_ok = d_ok & (ih >= 0) & (ih < IH)
+            kh = j - r * SH  # the tap that joins input row ih to output row oh0 + r
+            w_ok = (kh >= 0) & (kh < KH) & cmask
+            w_row = w_ptr + ((kd * KH + kh) * KW) * C + c
             for kw in tl.static_range(KW):
                 iw = ow * SW + kw - PW
-                m = (iw >= 0) & (iw < IW) & row_ok
-                xv = tl.load(
-                    x_row + idd * sxd + ih * sxh + iw[:, None] * sxw, mask=m[:, None] & cmask[None, :], other=0.0
-                )
-                wv = tl.load(w_ptr + c * (KD * KH * KW) + ((kd * KH + kh) * KW + kw), mask=cmask, other=0.0)
-                acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+                m = (iw >= 0) & (iw < IW) & row_ok & cmask
+                xv = tl.load(x_base + idd * sxd + ih * sxh + iw * sxw, mask=m, other=0.0)
+                wv = tl.load(w_row + kw * C, mask=w_ok, other=0.0)
+                acc += xv.to(tl.float32) * wv.to(tl.float32)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    out = y_ptr + n * syn + od * syd + oh * syh + ow[:, None] * syw + c[None, :] * syc
-    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=(ow < OW)[:, None] & cmask[None, :])
+        acc += tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    oh = oh0 + r
+    out = y_ptr + n * syn + od * syd + oh * syh + ow * syw + c * syc
+    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=(oh < OH) & (ow < OW) & cmask)
+
+
+@triton.jit
+def _wtap(acc, x_row, gv, ow, om, cmask, kw: tl.constexpr, SW, PW, IW, sxw):
+    iw = ow * SW + kw - PW
+    m = om & (iw >= 0) & (iw < IW)
+    xv = tl.load(x_row + iw[:, None] * sxw, mask=m[:, None] & cmask[None, :], other=0.0)
+    return acc + gv * xv.to(tl.float32)
+
+
+@triton.jit
+def _wstore(part_row, acc, c, cmask, kw: tl.constexpr, C):
+    tl.store(part_row + kw * C + c, tl.sum(acc, axis=0), mask=cmask)
 
 
 @triton.jit
@@ -74,17 +98,24 @@ def _dw_wgrad(
     sxn, sxc, sxd, sxh, sxw,
     sgn, sgc, sgd, sgh, sgw,
     PD, PH, PW, KD, KH, SD, SH, SW,
-    KW: tl.constexpr, KW_PAD: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+    KW: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    tap = tl.program_id(0)  # kd * KH + kh; the KW taps along the last axis share every load of g
+    # One program: tap (kd, kh), one channel block, a chunk of output rows. The KW taps along the
+    # last axis share every load of g, each with its own float32 accumulator (KW <= 7), reduced
+    # over voxels once at the end.
+    tap = tl.program_id(0)
     kd = tap // KH
     kh = tap % KH
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     chunk = tl.program_id(2)
-    kwi = tl.arange(0, KW_PAD)
-    # one float32 partial sum per (tap along the last axis, voxel, channel), reduced once at the end
-    acc = tl.zeros((KW_PAD, BLOCK_W, BLOCK_C), dtype=tl.float32)
+    acc0 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+    acc4 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+    acc5 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+    acc6 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
     r_start = chunk.to(tl.int64) * ROWS_PER_PROG
     for i in range(0, ROWS_PER_PROG):
         row = r_start + i
@@ -95,21 +126,52 @@ def _dw_wgrad(
         ih = oh * SH + kh - PH
         if (row < ROWS) & (idd >= 0) & (idd < ID) & (ih >= 0) & (ih < IH):
             g_row = g_ptr + n * sgn + od * sgd + oh * sgh + c[None, :] * sgc
-            x_row = x_ptr + n * sxn + idd * sxd + ih * sxh + c[None, None, :] * sxc
+            x_row = x_ptr + n * sxn + idd * sxd + ih * sxh + c[None, :] * sxc
             for w0 in range(0, OW, BLOCK_W):
                 ow = w0 + tl.arange(0, BLOCK_W)
                 om = ow < OW
                 gv = tl.load(g_row + ow[:, None] * sgw, mask=om[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-                iw = ow[None, :] * SW + kwi[:, None] - PW  # (KW_PAD, BLOCK_W)
-                m = om[None, :] & (iw >= 0) & (iw < IW) & (kwi[:, None] < KW)
-                xv = tl.load(x_row + iw[:, :, None] * sxw, mask=m[:, :, None] & cmask[None, None, :], other=0.0)
-                acc += gv[None, :, :] * xv.to(tl.float32)
-    part = tl.sum(acc, axis=1)  # (KW_PAD, BLOCK_C)
-    out = part_ptr + ((chunk * (KD * KH) + tap) * KW_PAD + kwi[:, None]) * C + c[None, :]
-    tl.store(out, part, mask=(kwi < KW)[:, None] & cmask[None, :])
+                acc0 = _wtap(acc0, x_row, gv, ow, om, cmask, 0, SW, PW, IW, sxw)
+                if KW > 1:
+                    acc1 = _wtap(acc1, x_row, gv, ow, om, cmask, 1, SW, PW, IW, sxw)
+                if KW > 2:
+                    acc2 = _wtap(acc2, x_row, gv, ow, om, cmask, 2, SW, PW, IW, sxw)
+                if KW > 3:
+                    acc3 = _wtap(acc3, x_row, gv, ow, om, cmask, 3, SW, PW, IW, sxw)
+                if KW > 4:
+                    acc4 = _wtap(acc4, x_row, gv, ow, om, cmask, 4, SW, PW, IW, sxw)
+                if KW > 5:
+                    acc5 = _wtap(acc5, x_row, gv, ow, om, cmask, 5, SW, PW, IW, sxw)
+                if KW > 6:
+                    acc6 = _wtap(acc6, x_row, gv, ow, om, cmask, 6, SW, PW, IW, sxw)
+    part_row = part_ptr + (chunk * (KD * KH) + tap) * KW * C
+    _wstore(part_row, acc0, c, cmask, 0, C)
+    if KW > 1:
+        _wstore(part_row, acc1, c, cmask, 1, C)
+    if KW > 2:
+        _wstore(part_row, acc2, c, cmask, 2, C)
+    if KW > 3:
+        _wstore(part_row, acc3, c, cmask, 3, C)
+    if KW > 4:
+        _wstore(part_row, acc4, c, cmask, 4, C)
+    if KW > 5:
+        _wstore(part_row, acc5, c, cmask, 5, C)
+    if KW > 6:
+        _wstore(part_row, acc6, c, cmask, 6, C)
+
+
+MAX_LAST_TAPS = 7  # _dw_wgrad keeps one accumulator per tap along the last axis
 
 
 # ----------------------------------------------------------------------------- launchers
+
+
+# Output rows per forward program for layers of at most 32 channels (the input rows they share are
+# loaded once); wider layers use one. Weight-gradient programs per multiprocessor. Measured on an
+# H200 (docs/benchmarks.md): 5x5x5 on 2x32x128^3 took 3.6 ms with 2 rows against 4.0 with 1 and
+# 5.5 with 4; on 2x64x64^3, 1.0 ms with 1 row against 1.6 with 2.
+FWD_ROWS = 2
+WGRAD_PROGRAMS_PER_SM = 16
 
 
 def _blocks(channels: int) -> tuple[int, int]:
@@ -117,6 +179,11 @@ def _blocks(channels: int) -> tuple[int, int]:
     beyond; few distinct tiles keep the number of compiled kernel variants small."""
     block_c = 32 if channels <= 32 else 64
     return 1024 // block_c, block_c
+
+
+def _taps_by_channel(weight: torch.Tensor) -> torch.Tensor:
+    """(C, 1, kd, kh, kw) weights as (kd * kh * kw, C): one tap's weights contiguous."""
+    return weight.reshape(weight.shape[0], -1).t().contiguous()
 
 
 def _five(t: torch.Tensor) -> torch.Tensor:
@@ -134,7 +201,7 @@ def conv_forward(
 ) -> torch.Tensor:
     """``out[o] = sum_k x[s*o + k - p] * w[k] (+ b)``, written into ``out`` (any strides, sized by
     the caller); padding is the front padding per axis, zeros beyond the input on both sides."""
-    x5, o5, w5 = _five(x), _five(out), _five(weight).contiguous()
+    x5, o5, w5 = _five(x), _five(out), _five(weight)
     st = (1,) * (5 - x.ndim) + tuple(stride)
     pad = (0,) * (5 - x.ndim) + tuple(padding)
     n, c, i_d, i_h, i_w = x5.shape
@@ -142,12 +209,15 @@ def conv_forward(
     if o5.numel() == 0:
         return out
     block_w, block_c = _blocks(c)
-    grid = (n * o_d * o_h, triton.cdiv(o_w, block_w), triton.cdiv(c, block_c))
+    block_h = min(FWD_ROWS if c <= 32 else 1, triton.next_power_of_2(o_h))
+    ohb = triton.cdiv(o_h, block_h)
+    grid = (n * o_d * ohb, triton.cdiv(o_w, block_w), triton.cdiv(c, block_c))
+    taps = _taps_by_channel(w5)
     _dw_fwd[grid](
-        x5, w5, bias if bias is not None else w5, o5,
-        c, i_d, i_h, i_w, o_d, o_h, o_w,
+        x5, taps, bias if bias is not None else taps, o5,
+        c, i_d, i_h, i_w, o_d, o_h, o_w, ohb,
         *x5.stride(), *o5.stride(), *pad, w5.shape[2], w5.shape[3], *st,
-        KW=w5.shape[4], HAS_BIAS=bias is not None, BLOCK_W=block_w, BLOCK_C=block_c,
+        KW=w5.shape[4], HAS_BIAS=bias is not None, BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_C=block_c,
     )  # fmt: skip
     return out
 
@@ -163,22 +233,24 @@ def weight_grad(
     n, c, i_d, i_h, i_w = x5.shape
     _, _, o_d, o_h, o_w = g5.shape
     rows = n * o_d * o_h
-    kw_pad = triton.next_power_of_2(kern[2])
+    if kern[2] > MAX_LAST_TAPS:
+        raise ValueError(f"the Triton weight gradient takes at most {MAX_LAST_TAPS} taps along the last axis")
     block_c = 32 if c <= 32 else 64
-    block_w = max(1, 4096 // (block_c * kw_pad))  # a float32 accumulator of 4096 values
+    block_w = 512 // block_c  # KW float32 accumulators of block_w x block_c
     taps, cblocks = kern[0] * kern[1], triton.cdiv(c, block_c)
-    target = 4 * (torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 2)
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 2
+    target = WGRAD_PROGRAMS_PER_SM * sms
     chunks = max(1, min(rows, triton.cdiv(target, taps * cblocks)))
     per_prog = triton.cdiv(rows, chunks)
     chunks = triton.cdiv(rows, per_prog)
-    part = torch.empty((chunks, taps, kw_pad, c), device=x.device, dtype=torch.float32)
+    part = torch.empty((chunks, taps, kern[2], c), device=x.device, dtype=torch.float32)
     _dw_wgrad[(taps, cblocks, chunks)](
         x5, g5, part,
         c, i_d, i_h, i_w, o_d, o_h, o_w, rows, per_prog,
         *x5.stride(), *g5.stride(), *pad, kern[0], kern[1], *st,
-        KW=kern[2], KW_PAD=kw_pad, BLOCK_W=block_w, BLOCK_C=block_c,
+        KW=kern[2], BLOCK_W=block_w, BLOCK_C=block_c,
     )  # fmt: skip
-    gw = part[:, :, : kern[2]].sum(dim=0)  # (KD*KH, KW, C)
+    gw = part.sum(dim=0)  # (KD*KH, KW, C)
     return gw.permute(2, 0, 1).reshape(c, 1, *kernel)
 
 
