@@ -13,7 +13,9 @@ def test_variants_share_weights_and_outputs():
     diffs = check_parity(models, x)
     assert set(diffs) == {"monai", "monai_cl", "ours_plain", "ours"}
     assert all(v < 1e-5 for v in diffs.values())
-    assert models["ours"].fast_path and not models["ours_plain"].fast_path
+    assert not models["ours_plain"].fast_path
+    assert not models["ours"].fast_path  # "ours" is the user's default, and 2D networks default to plain
+    assert build_variants("S", 3, 3, 1, 3)["ours"].fast_path  # 3D networks default to the fast path
 
 
 @pytest.mark.slow

@@ -57,6 +57,7 @@ def test_fast_path_float32_eval_output():
 
 def test_fast_path_is_default_and_switchable_by_environment(monkeypatch):
     assert create_mednext("S", 1, 2).fast_path
+    assert not create_mednext("S", 1, 2, spatial_dims=2).fast_path  # 2D: oneDNN's convs are faster
     monkeypatch.setenv("MEDNEXT_FAST_PATH", "0")
     assert not create_mednext("S", 1, 2).fast_path
 

@@ -222,9 +222,13 @@ def run_benchmark(
     target = torch.randint(0, num_classes, (batch, *patch), device=dev)
     parity = check_parity(models, x)
     log("parity (max |out - MONAI| / max |MONAI|): " + ", ".join(f"{k} {v:.1e}" for k, v in parity.items()))
-    bad = {k: v for k, v in parity.items() if v > 1e-4}
+    # MONAI's own network in channels_last runs PyTorch's channels-last kernels, whose float32 sums
+    # differ more (1.9e-4 measured for S k3 2D at 112x128): it gets 1e-3, our variants 1e-4.
+    bad = {k: v for k, v in parity.items() if v > (1e-3 if k == "monai_cl" else 1e-4)}
     if bad:
-        raise RuntimeError(f"outputs differ from MONAI's beyond 1e-4 relative: {bad}; timings would be meaningless")
+        raise RuntimeError(
+            f"outputs differ from MONAI's beyond 1e-4 relative (1e-3 for monai_cl): {bad}; timings would be meaningless"
+        )
     result = BenchmarkResult(
         preset=preset, kernel_size=kernel_size, spatial_dims=spatial_dims, patch=patch, batch=batch,
         device=str(dev), threads=torch.get_num_threads(), repeats=repeats, parity=parity,

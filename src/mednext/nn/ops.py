@@ -26,7 +26,11 @@ import os
 import torch
 import torch.nn.functional as F
 
-_CHUNK_ROWS = 65536
+# Rows of the weight gradient's chunks: 2 MiB of one operand, so a chunk of the gradient and the
+# input window it meets stay in the core's L2 cache across all kernel taps. Measured (2 cores,
+# 3x3x3 on 2x32x64^3): 65536 rows 0.29 s, 32768 0.20 s, 16384 0.20 s, 8192 0.23 s; on 2x64x32^3
+# 65536 rows 0.12 s, 16384 and 8192 0.064 s.
+_CHUNK_BYTES = 2 << 20
 
 
 def _conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, padding: tuple[int, ...]) -> torch.Tensor:
@@ -61,8 +65,9 @@ def depthwise_weight_grad(x: torch.Tensor, grad: torch.Tensor, kernel: tuple[int
     acc = torch.zeros(
         len(offsets), c, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device
     )
-    for start in range(margin, rows - margin, _CHUNK_ROWS):
-        stop = min(start + _CHUNK_ROWS, rows - margin)
+    chunk = max(256, _CHUNK_BYTES // (c * xf.element_size()))
+    for start in range(margin, rows - margin, chunk):
+        stop = min(start + chunk, rows - margin)
         g = gf[start:stop]
         for i, o in enumerate(offsets):
             acc[i] += torch.linalg.vecdot(xf[start + o : stop + o], g, dim=0)
