@@ -1,9 +1,10 @@
 """Speed and memory of our MedNeXt against MONAI's, side by side in one run, same weights.
 
 Variants: MONAI 1.6.1's MedNeXt as shipped (NCDHW), MONAI in ``channels_last_3d``, ours with
-the fast path off (plain NCDHW convolutions) and ours as users get it (fast path on). All four
-hold the same weights (MONAI's, converted by :func:`mednext.nn.weights.load_pretrained`), and the
-outputs are checked against MONAI's in the same run before anything is timed.
+the fast path off (plain NCDHW convolutions) and ours as users get it (fast path on for 3D,
+plain for 2D). All four hold the same weights (MONAI's, converted by
+:func:`mednext.nn.weights.load_pretrained`), and the outputs are checked against MONAI's in the
+same run before anything is timed.
 """
 
 from __future__ import annotations
