@@ -146,3 +146,27 @@ def test_triton_kernels_under_interpreter():
     proc = subprocess.run([sys.executable, "-c", TRITON_CHECK], capture_output=True, text=True, env=env, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert float(proc.stdout.strip().splitlines()[-1]) < 1e-5  # float32 accumulation against float64
+
+
+def test_unusable_triton_falls_back_to_pytorch_with_a_warning(monkeypatch):
+    # Triton can be installed yet fail at its first compile (no C compiler, unsupported GPU):
+    # the network must warn once and go on with PyTorch's convolutions, same numbers.
+    class Broken:
+        MAX_LAST_TAPS = 7
+
+        def depthwise_conv(self, *args):
+            raise RuntimeError("Failed to find C compiler")
+
+        depthwise_conv_transpose = depthwise_conv
+
+    monkeypatch.setattr(ops, "FORCE_CUDA_ROUTE", True)
+    monkeypatch.setitem(ops.CUDA_ROUTE, "depthwise", "triton")
+    monkeypatch.setattr(ops, "triton_ops", lambda x: Broken())
+    torch.manual_seed(0)
+    model = MedNeXt(in_channels=2, num_classes=3, width=8, kernel_sizes=3, spatial_dims=3).double().eval()
+    x = torch.randn(1, 2, 32, 16, 16, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="Failed to find C compiler"):
+        out = model(x)
+    assert ops.CUDA_ROUTE["depthwise"] == "native"
+    model.set_fast_path(False)
+    torch.testing.assert_close(out, model(x), rtol=1e-10, atol=1e-12)

@@ -220,9 +220,14 @@ class MedNeXtBlock(nn.Module):
             and all(k % 2 == 1 for k in conv.kernel_size)
             and conv.kernel_size[-1] <= kernels.MAX_LAST_TAPS
         ):
-            if transposed:
-                return kernels.depthwise_conv_transpose(x, conv.weight, conv.bias, conv.stride)
-            return kernels.depthwise_conv(x, conv.weight, conv.bias, conv.stride)
+            try:
+                if transposed:
+                    return kernels.depthwise_conv_transpose(x, conv.weight, conv.bias, conv.stride)
+                return kernels.depthwise_conv(x, conv.weight, conv.bias, conv.stride)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as error:  # noqa: BLE001 (Triton installed but unusable: no C compiler, old GPU)
+                ops.disable_triton(error)
         if transposed and ops.CUDA_ROUTE["up"] == "polyphase":
             return ops.depthwise_conv_transpose_polyphase(x, conv.weight, conv.bias, conv.stride)
         strided = not transposed and any(s > 1 for s in conv.stride)

@@ -22,6 +22,7 @@ import importlib.util
 import itertools
 import math
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -341,6 +342,20 @@ def triton_ops(x: torch.Tensor):
             module = None
         _TRITON.append(module)
     return _TRITON[0]
+
+
+def disable_triton(error: BaseException) -> None:
+    """Fall back from the Triton kernels to PyTorch's depthwise convolutions for the rest of the
+    process, with a warning that names the cause (a first kernel compile failing, say because
+    Triton finds no C compiler or the GPU is too old for it)."""
+    CUDA_ROUTE["depthwise"] = "native"
+    warnings.warn(
+        f"mednext: the Triton depthwise kernels failed ({type(error).__name__}: {str(error)[:300]}); "
+        "falling back to PyTorch's convolutions, which are slower on CUDA. "
+        "Set MEDNEXT_CUDA_ROUTE=plain to skip Triton, or install a C compiler for Triton to use them.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def uses_cuda_route(x: torch.Tensor) -> bool:
