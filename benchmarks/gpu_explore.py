@@ -96,6 +96,21 @@ def cl(t):
     return t.contiguous(memory_format=torch.channels_last_3d)
 
 
+def parse_variant(name: str) -> tuple[str, dict]:
+    """ "ours@layout=channels_last,depthwise=triton+ckpt" -> ("ours", {"layout": ..., "depthwise": ...})."""
+    base, _, route = name.split("+")[0].partition("@")
+    return base, dict(kv.split("=") for kv in route.split(",")) if route else {}
+
+
+def set_route(default: dict, overrides: dict | None = None) -> None:
+    """ops.CUDA_ROUTE := default, then the overrides."""
+    from mednext.nn import ops
+
+    ops.CUDA_ROUTE.clear()
+    ops.CUDA_ROUTE.update(default)
+    ops.CUDA_ROUTE.update(overrides or {})
+
+
 @section("correctness")
 def correctness():
     from mednext import create_mednext
@@ -205,13 +220,12 @@ def route_check(preset: str = "L", kernel: int = 5, size: int = 64):
     x = torch.randn(1, 1, size, size, size, device=DEV)
     default_route = dict(ops.CUDA_ROUTE)
     res = {}
-    for route in ("plain", "triton"):
-        ops.CUDA_ROUTE.clear()
-        ops.CUDA_ROUTE.update(default_route)
-        if route == "triton":
-            ops.CUDA_ROUTE.update(layout="channels_last", depthwise="triton")
-        else:
-            ops.CUDA_ROUTE.update(layout="plain", depthwise="native")
+    routes = {
+        "plain": {"layout": "plain", "depthwise": "native"},
+        "triton": {"layout": "channels_last", "depthwise": "triton"},
+    }
+    for route, overrides in routes.items():
+        set_route(default_route, overrides)
         m.zero_grad()
         t0 = time.time()
         outs = m(x)
@@ -220,14 +234,46 @@ def route_check(preset: str = "L", kernel: int = 5, size: int = 64):
         sync()
         res[route] = ([o.detach().clone() for o in outs], [p.grad.clone() for p in m.parameters()])
         log(f"route_check {route}: first forward+backward {time.time() - t0:.1f} s")
-    ops.CUDA_ROUTE.clear()
-    ops.CUDA_ROUTE.update(default_route)
+    set_route(default_route)
     fo = max(((a - b).norm() / b.norm()).item() for a, b in zip(res["triton"][0], res["plain"][0]))
     scale = max(b.abs().max().item() for b in res["plain"][1])
     fg = max((a - b).abs().max().item() for a, b in zip(res["triton"][1], res["plain"][1])) / scale
     RESULTS["route_check"] = {f"{preset}k{kernel} {size}^3": {"outputs_rel": fo, "grads_rel_max": fg}}
     log(f"route_check triton vs plain {preset} k{kernel} {size}^3 float32: outputs {fo:.2e}, grads {fg:.2e}")
     dump()
+
+
+def sweep(module, attr: str, values, run, label: str, keep_fastest: bool, repeats: int = 5) -> dict:
+    """Time ``run`` with ``module.attr`` set to each value; then keep the fastest value if
+    ``keep_fastest``, else restore the value it had (so later sections run the chosen setting)."""
+    before = getattr(module, attr)
+    times = {}
+    for value in values:
+        setattr(module, attr, value)
+        with torch.no_grad():
+            times[value] = timed(run, repeats=repeats)
+        log(f"{label}, {attr}={value}: {times[value]:.2f} ms")
+    setattr(module, attr, min(times, key=times.get) if keep_fastest else before)
+    if keep_fastest:
+        RESULTS[attr] = getattr(module, attr)
+        log(f"{attr} set to {getattr(module, attr)}")
+    return times
+
+
+def time_forms(res: dict, prefix: str, layout: str, forms: dict, x, w, fb, fwd_repeats: int, fwd_warmup: int) -> None:
+    """Forward and forward+backward time of each wanted form of one conv on (x, w)."""
+    for name, fn in forms.items():
+        if not wanted(layout, name):
+            continue
+        key = f"{prefix} {name}"
+        try:
+            with torch.no_grad():
+                f = timed(lambda: fn(x, w), repeats=fwd_repeats, warmup=fwd_warmup)
+            fbt = timed(fb(fn, x, w), repeats=3, warmup=1)
+            res[key] = {"fwd_ms": f, "fwd_bwd_ms": fbt}
+            log(f"{key}: fwd {f:.2f} ms, fwd+bwd {fbt:.2f} ms")
+        except Exception as e:  # noqa: BLE001
+            log(f"{key}: failed {e}")
 
 
 @section("ops")
@@ -263,32 +309,21 @@ def op_timings():
             kernels = ops.triton_ops(x)
             if layout == "cl" and kernels is not None and wanted(layout, "triton"):
                 tri = lambda x, w: kernels.depthwise_conv(x, w, None, (1, 1, 1))  # noqa: E731
-                by_rows = {}
-                for rows in (1, 2, 4):  # output rows per forward program
-                    kernels.FWD_ROWS = rows
-                    with torch.no_grad():
-                        by_rows[rows] = timed(lambda: tri(x, w))
-                    log(f"{key} triton fwd, {rows} output rows per program: {by_rows[rows]:.2f} ms")
-                if c == SHAPES["s1"][0][0]:  # choose by the full-resolution stage
-                    kernels.FWD_ROWS = min(by_rows, key=by_rows.get)
-                    RESULTS["fwd_rows"] = kernels.FWD_ROWS
-                    log(f"FWD_ROWS set to {kernels.FWD_ROWS}")
+                full_res = c == SHAPES["s1"][0][0]  # the settings are chosen at the full-resolution stage
+                by_rows = sweep(kernels, "FWD_ROWS", (1, 2, 4), lambda: tri(x, w), f"{key} triton fwd", full_res)
                 with torch.no_grad():
                     f = timed(lambda: tri(x, w))
                 fbt = timed(fb(tri, x, w), repeats=3, warmup=1)
                 g = torch.ones_like(x)
-                by_programs = {}
-                for per_sm in (2, 4, 8, 16):  # weight-gradient programs per multiprocessor
-                    kernels.WGRAD_PROGRAMS_PER_SM = per_sm
-                    with torch.no_grad():
-                        by_programs[per_sm] = timed(
-                            lambda: kernels.weight_grad(x, g, (5, 5, 5), (1, 1, 1), (2, 2, 2)), repeats=3
-                        )
-                    log(f"{key} triton weight grad, {per_sm} programs per SM: {by_programs[per_sm]:.2f} ms")
-                if c == SHAPES["s1"][0][0]:
-                    kernels.WGRAD_PROGRAMS_PER_SM = min(by_programs, key=by_programs.get)
-                    RESULTS["wgrad_programs_per_sm"] = kernels.WGRAD_PROGRAMS_PER_SM
-                    log(f"WGRAD_PROGRAMS_PER_SM set to {kernels.WGRAD_PROGRAMS_PER_SM}")
+                sweep(
+                    kernels,
+                    "WGRAD_PROGRAMS_PER_SM",
+                    (2, 4, 8, 16),
+                    lambda: kernels.weight_grad(x, g, (5, 5, 5), (1, 1, 1), (2, 2, 2)),
+                    f"{key} triton weight grad",
+                    full_res,
+                    repeats=3,
+                )
                 with torch.no_grad():
                     wg = timed(lambda: kernels.weight_grad(x, g, (5, 5, 5), (1, 1, 1), (2, 2, 2)), repeats=3)
                     xg = timed(lambda: kernels.transposed(g, w, None, (1, 1, 1), tuple(x.shape[2:])), repeats=3)
@@ -306,18 +341,7 @@ def op_timings():
                 "polyphase": lambda x, w: ops.depthwise_conv_strided_polyphase(x, w, None, (2, 2, 2)),
                 "triton": lambda x, w: ops.triton_ops(x).depthwise_conv(x, w, None, (2, 2, 2)),
             }
-            for name, fn in forms.items():
-                if not wanted(layout, name):
-                    continue
-                key = f"down k5 s2 {c}x{s}^3 {layout} {name}"
-                try:
-                    with torch.no_grad():
-                        f = timed(lambda: fn(x, w))
-                    fbt = timed(fb(fn, x, w), repeats=3, warmup=1)
-                    res[key] = {"fwd_ms": f, "fwd_bwd_ms": fbt}
-                    log(f"{key}: fwd {f:.2f} ms, fwd+bwd {fbt:.2f} ms")
-                except Exception as e:  # noqa: BLE001
-                    log(f"{key}: failed {e}")
+            time_forms(res, f"down k5 s2 {c}x{s}^3 {layout}", layout, forms, x, w, fb, fwd_repeats=5, fwd_warmup=2)
     for c, s in SHAPES["up"]:
         for layout in ("ncdhw", "cl"):
             x = torch.randn(2, c, s, s, s, device=DEV, dtype=half)
@@ -337,18 +361,7 @@ def op_timings():
                 "polyphase": lambda x, w: ops.depthwise_conv_transpose_polyphase(x, w, None, (2, 2, 2)),
                 "triton": lambda x, w: ops.triton_ops(x).depthwise_conv_transpose(x, w, None, (2, 2, 2)),
             }
-            for name, fn in forms.items():
-                if not wanted(layout, name):
-                    continue
-                key = f"up k5 s2 {c}x{s}^3 {layout} {name}"
-                try:
-                    with torch.no_grad():
-                        f = timed(lambda: fn(x, w), repeats=3, warmup=1)
-                    fbt = timed(fb(fn, x, w), repeats=3, warmup=1)
-                    res[key] = {"fwd_ms": f, "fwd_bwd_ms": fbt}
-                    log(f"{key}: fwd {f:.2f} ms, fwd+bwd {fbt:.2f} ms")
-                except Exception as e:  # noqa: BLE001
-                    log(f"{key}: failed {e}")
+            time_forms(res, f"up k5 s2 {c}x{s}^3 {layout}", layout, forms, x, w, fb, fwd_repeats=3, fwd_warmup=1)
     # group norm and GELU at the full-resolution stage (fp16 in, autocast semantics)
     for layout in ("ncdhw", "cl"):
         x = torch.randn(2, 32, *(SHAPES["gn"],) * 3, device=DEV, dtype=half)
@@ -397,11 +410,8 @@ def steps(preset: str, kernel: int, size: int, batch: int, variants: list[str]):
 
     default_route = dict(ops.CUDA_ROUTE)
     for name in variants:
-        base = name.split("+")[0].split("@")[0]
-        ops.CUDA_ROUTE.clear()
-        ops.CUDA_ROUTE.update(default_route)
-        if "@" in name:  # e.g. ours@norm=native,down=polyphase
-            ops.CUDA_ROUTE.update(dict(kv.split("=") for kv in name.split("@")[1].split("+")[0].split(",")))
+        base, overrides = parse_variant(name)  # e.g. ours@norm=native,down=polyphase+ckpt
+        set_route(default_route, overrides)
         model = models[base].to(DEV).train()
         model.set_grad_checkpointing("+ckpt" in name) if hasattr(model, "set_grad_checkpointing") else None
         xi = x.contiguous(memory_format=torch.channels_last_3d) if base == "monai_cl" else x
@@ -433,8 +443,7 @@ def steps(preset: str, kernel: int, size: int, batch: int, variants: list[str]):
             torch.cuda.empty_cache()
         RESULTS.setdefault("steps", {})[f"{preset}k{kernel} {size} b{batch}"] = res
         dump()
-    ops.CUDA_ROUTE.clear()
-    ops.CUDA_ROUTE.update(default_route)
+    set_route(default_route)
 
 
 @section("profile")
@@ -446,9 +455,8 @@ def profile(preset: str, kernel: int, size: int, batch: int, variant: str, out_d
     from mednext.nn import ops
 
     torch.backends.cudnn.benchmark = True
-    if "@" in variant:  # e.g. ours@layout=channels_last,depthwise=triton
-        variant, route = variant.split("@")
-        ops.CUDA_ROUTE.update(dict(kv.split("=") for kv in route.split(",")))
+    variant, overrides = parse_variant(variant)  # e.g. ours@layout=channels_last,depthwise=triton
+    set_route(dict(ops.CUDA_ROUTE), overrides)
     model = build_variants(preset, kernel, 3, 1, 4)[variant].to(DEV).train()
     if hasattr(model, "set_grad_checkpointing"):
         model.set_grad_checkpointing(False)
