@@ -50,6 +50,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--tile-batch", type=int, default=2,
         help="CPU: sliding-window tiles per network forward (default 2; 1 needs less memory)",
     )  # fmt: skip
+    p.add_argument(
+        "--crop-body", action="store_true",
+        help="CT: predict only inside the box around the patient's body (for scans with a wider field of view "
+        "than the training scans: arms, table, air); background outside it",
+    )  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -72,5 +77,6 @@ def run(args: argparse.Namespace) -> int:
         save_probabilities=args.save_probabilities,
         workdir=args.workdir,
         tile_batch=args.tile_batch,
+        crop_body=args.crop_body,
     )
     return 0

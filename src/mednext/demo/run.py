@@ -36,6 +36,10 @@ DEFAULT_MINUTES = 15.0  # training budget; set-up, prediction and scoring add ab
 CT_WINDOW_HU = (-200.0, 250.0)  # replaces the fingerprint's [-171, 79]: enhanced organs stay below 250 HU
 NNUNET_PLANS = "nnUNetPlans"
 CONTEXT_SLICES = 2  # 2.5D: two slices (6 mm) on either side; measured in docs/demo.md
+TRAINER_OVERRIDES = frozenset(
+    {"rotation_degrees", "mirror_axes", "optimizer_name", "batch_size_override", "foreground_share",
+     "enhancement_probability"}
+)  # fmt: skip
 
 
 @dataclass
@@ -58,6 +62,9 @@ class DemoSettings:
     context_slices: int = CONTEXT_SLICES  # neighbouring slices per side as input channels (2.5D); 0: plain 2D
     cache_dir: Path | None = None
     show_progress: bool = True
+    # experiments (benchmarks/demo_trials.py): class attributes of the demo trainer to override, e.g.
+    # {"rotation_degrees": 180, "optimizer_name": "sgd", "foreground_share": 0.33, "batch_size_override": 12}
+    trainer_overrides: dict[str, Any] | None = None
 
 
 @dataclass
@@ -177,6 +184,10 @@ def train_mednext(settings: DemoSettings, dataset_name: str, device: Any, budget
     cls.max_epochs = settings.max_epochs
     if not settings.enhance:
         cls.enhancement_probability = 0.0
+    for key, value in (settings.trainer_overrides or {}).items():
+        if key not in TRAINER_OVERRIDES:
+            raise ValueError(f"trainer override {key!r}: choose from {', '.join(sorted(TRAINER_OVERRIDES))}")
+        setattr(cls, key, tuple(value) if isinstance(value, list) else value)
     plans_id = find_plans(dataset_name, "auto")
     base = Path(str(nnUNet_preprocessed)) / dataset_name
     plans = json.loads((base / f"{plans_id}.json").read_text())
@@ -451,37 +462,18 @@ def _curve_figure(plt: Any, curves: Mapping[str, Mapping[str, list[float]]], ite
 # ----------------------------------------------------------------------------- the demo
 
 
-def run_demo(settings: DemoSettings) -> dict[str, Any]:
-    """Run the whole demo and return what ``metrics.json`` holds."""
-    import torch
-
+def prepare_data(
+    settings: DemoSettings, raw_root: Path, start: float, timings: dict[str, float]
+) -> tuple[Any, dict, dict]:
+    """Steps 1 and 2 of the demo: the raw dataset under ``raw_root``, then the engine's planning and
+    preprocessing (the CT window of ``settings`` applied). Returns the dataset description, the plans
+    and the 2d configuration; adds ``data_s`` and ``plan_s`` to ``timings``."""
     from mednext.demo.data import prepare_demo_dataset
     from mednext.pipeline.planning import plan_dataset
-    from mednext.pipeline.predict import predict
-    from mednext.pipeline.trainer import pick_device
-    from mednext.pipeline.workdir import use_workdir
-
-    start = time.perf_counter()
-    if settings.minutes <= 0:
-        raise ValueError(f"--minutes {settings.minutes}: give a positive number of training minutes")
-    if settings.compare not in (None, "nnunet"):
-        raise ValueError(f"--compare {settings.compare!r}: the only comparison is 'nnunet'")
-    device = pick_device(settings.device if settings.device else ("cuda" if torch.cuda.is_available() else "cpu"))
-    out = Path(settings.out).absolute()
-    out.mkdir(parents=True, exist_ok=True)
-    workdir = Path(settings.workdir if settings.workdir is not None else out / "work").absolute()
-    dirs = use_workdir(workdir)
-    budget_s = settings.minutes * 60.0
-    timings: dict[str, float] = {}
-    _say(
-        f"mednext demo: MedNeXt-{settings.model} k{settings.kernel} {CONFIGURATION}, {settings.minutes:g} min "
-        f"of training on {device}, {torch.get_num_threads()} thread(s); output {out}",
-        start,
-    )
 
     _say("1/5 example scans -> nnU-Net raw dataset", start)
     t = time.perf_counter()
-    info = prepare_demo_dataset(dirs.raw, cache_dir=settings.cache_dir)
+    info = prepare_demo_dataset(raw_root, cache_dir=settings.cache_dir)
     timings["data_s"] = time.perf_counter() - t
 
     _say(f"2/5 planning and preprocessing {info.dataset_name} ({CONFIGURATION}, recipe auto)", start)
@@ -506,6 +498,38 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     cfg = plans["configurations"][CONFIGURATION]
     timings["plan_s"] = time.perf_counter() - t
     _say(f"    patch {cfg['patch_size']}, batch {cfg['batch_size']}, spacing {cfg['spacing']} mm", start)
+
+    return info, plans, cfg
+
+
+def run_demo(settings: DemoSettings) -> dict[str, Any]:
+    """Run the whole demo and return what ``metrics.json`` holds."""
+    import torch
+
+    from mednext.pipeline.predict import predict
+    from mednext.pipeline.trainer import pick_device
+    from mednext.pipeline.workdir import use_workdir
+
+    start = time.perf_counter()
+    if settings.minutes <= 0:
+        raise ValueError(f"--minutes {settings.minutes}: give a positive number of training minutes")
+    if settings.compare not in (None, "nnunet"):
+        raise ValueError(f"--compare {settings.compare!r}: the only comparison is 'nnunet'")
+    device = pick_device(settings.device if settings.device else ("cuda" if torch.cuda.is_available() else "cpu"))
+    out = Path(settings.out).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    workdir = Path(settings.workdir if settings.workdir is not None else out / "work").absolute()
+    dirs = use_workdir(workdir)
+    budget_s = settings.minutes * 60.0
+    timings: dict[str, float] = {}
+    _say(
+        f"mednext demo: MedNeXt-{settings.model} k{settings.kernel} {CONFIGURATION}, {settings.minutes:g} min "
+        f"of training on {device}, {torch.get_num_threads()} thread(s); output {out}",
+        start,
+    )
+
+    info, plans, cfg = prepare_data(settings, dirs.raw, start, timings)
+    name = plans["mednext_dataset_name"]
 
     _say(f"3/5 training MedNeXt-{settings.model} k{settings.kernel} for {settings.minutes:g} min", start)
     t = time.perf_counter()

@@ -179,6 +179,26 @@ class MedNeXtDemoTrainer(TimeBudgetMixin, MedNeXtTrainer):
 
     rotation_degrees = 15.0  # the engine: +-180 degrees in 2D when the patch is near square
     mirror_axes: tuple[int, ...] | None = None  # the engine: every axis
+    optimizer_name = "adamw"  # the reference recipe; "sgd": the engine's SGD (lr 1e-2, Nesterov momentum 0.99)
+    batch_size_override: int | None = None  # None: the plans' batch size
+
+    def _set_batch_size_and_oversample(self) -> None:
+        super()._set_batch_size_and_oversample()
+        if self.batch_size_override is not None:
+            self.batch_size = int(self.batch_size_override)
+
+    def configure_optimizers(self) -> tuple:
+        if self.optimizer_name == "adamw":
+            return super().configure_optimizers()
+        if self.optimizer_name != "sgd":
+            raise ValueError(f"optimizer_name {self.optimizer_name!r}: use 'adamw' or 'sgd'")
+        from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+
+        self.initial_lr = 1e-2
+        optimizer = torch.optim.SGD(
+            self.network.parameters(), self.initial_lr, weight_decay=self.weight_decay, momentum=0.99, nesterov=True
+        )
+        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self) -> tuple:
         """The engine's spatial augmentation, with in-plane rotation limited to +-``rotation_degrees`` and

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from mednext.pipeline.body import check_ct_for_body_crop, compose_with_engine_crop, crop_to_body
 from mednext.pipeline.context import context_slices_of, stack_neighbour_slices
 from mednext.pipeline.io import InputCase, collect_input_cases, image_ending
 from mednext.pipeline.workdir import use_workdir
@@ -584,14 +585,21 @@ def predict_case(
     output_truncated: str | os.PathLike,
     save_probabilities: bool = False,
     tile_batch: int = 2,
+    crop_body: bool = False,
 ) -> list[Path]:
     """Preprocess, predict and export one case; returns the written files (``<output_truncated><ending>``, ...).
 
     ``tile_batch``: sliding-window tiles per network forward on the CPU (see :func:`predict_logits`).
+    ``crop_body``: predict only inside the box around the patient's body (CT; :mod:`mednext.pipeline.body`);
+    the output keeps the input's full grid, background outside the box.
     """
     from nnunetv2.inference.export_prediction import export_prediction_from_logits
 
     data, properties = _read_case(predictor, case)
+    body_box = None
+    if crop_body:
+        full_shape = data.shape[1:]
+        data, body_box = crop_to_body(data, properties)
     preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
     data, _, properties = preprocessor.run_case_npy(
         data,
@@ -601,6 +609,8 @@ def predict_case(
         predictor.configuration_manager,
         predictor.dataset_json,
     )
+    if body_box is not None:
+        compose_with_engine_crop(properties, body_box, full_shape, predictor.plans_manager.transpose_forward)
     # a 2.5D network sees every slice with its neighbours as channels (mednext.pipeline.context)
     data = stack_neighbour_slices(data, context_slices_of(predictor.configuration_manager.configuration))
     logits = predict_logits(predictor, torch.from_numpy(data), tile_batch)
@@ -645,8 +655,12 @@ def predict(
     workdir: str | os.PathLike | None = None,
     log: Any = print,
     tile_batch: int = 2,
+    crop_body: bool = False,
 ) -> list[Path]:
     """Segment every case in ``input_path`` with a trained MedNeXt and return the written segmentations.
+
+    ``crop_body`` (CT only): predict inside the box around the patient's body, background outside it
+    (:mod:`mednext.pipeline.body`), for scans whose field of view is wider than the training scans'.
 
     ``output`` is a folder (created if needed) that receives ``<case><ending>`` per case, or, for a
     single case, a file path ending in the dataset's file ending. Every file is written to a temporary
@@ -657,6 +671,8 @@ def predict(
     use_workdir(workdir)
     trained = resolve_trained_model(dataset, configuration, model, kernel, plans)
     dataset_json = json.loads((trained.folder / "dataset.json").read_text())
+    if crop_body:
+        check_ct_for_body_crop(json.loads((trained.folder / "plans.json").read_text()), trained.configuration)
     ending = dataset_json["file_ending"]
     num_channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {})))
     output = Path(output)
@@ -691,7 +707,7 @@ def predict(
         written = []
         for case in cases:
             start = time.perf_counter()
-            files = predict_case(predictor, case, workspace / case.case_id, save_probabilities, tile_batch)
+            files = predict_case(predictor, case, workspace / case.case_id, save_probabilities, tile_batch, crop_body)
             for f in files:
                 target = output if single_file and f.name.endswith(ending) else out_dir / f.name
                 os.replace(f, target)
@@ -712,6 +728,7 @@ def predict(
                     "tta": tta,
                     "mirror_axes": list(predictor.allowed_mirroring_axes or []),
                     "step_size": step_size,
+                    "crop_body": crop_body,
                     "cases": {c.case_id: c.source for c in cases},
                 },
             )
