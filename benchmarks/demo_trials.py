@@ -129,7 +129,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     predict(
         workdir / spec["image"], seg, dataset=spec["dataset"], configuration="2d", folds=["all"],
         model=settings.model, kernel=settings.kernel, plans="MedNeXtPlans", device=spec["device"], tta=True,
-        workdir=workdir, log=lambda m: None,
+        workdir=workdir, log=lambda m: None, crop_body=settings.crop_body,
     )  # fmt: skip
     predict_s = time.perf_counter() - t
     dice, _, voxels = score(seg, base / spec["label"], base / spec["dataset_json"])

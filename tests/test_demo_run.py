@@ -12,6 +12,7 @@ import torch
 from mednext.demo import trainer as demo_trainer
 from mednext.demo.run import DemoSettings, dice_table, run_demo, set_ct_window
 from mednext.demo.trainer import SOFT_TISSUE_HU, TimeBudgetMixin, simulate_contrast_enhancement
+from mednext.pipeline.body import body_bbox
 
 LABELS = {"background": 0, "liver": 1, "spleen": 2, "stomach": 3, "aorta": 4, "kidney": 5}
 CLASSES = ["liver", "spleen", "stomach", "aorta", "kidney"]
@@ -193,6 +194,40 @@ def test_demo_trainer_limits_rotation_and_turns_mirroring_off() -> None:
     assert rotation == pytest.approx((-math.pi, math.pi)) and mirror == (1,)
 
 
+def test_demo_trainer_optimizer_and_batch_size_overrides() -> None:
+    from types import SimpleNamespace
+
+    cls = demo_trainer.demo_trainer_class("S", 3, 60.0, show_progress=False)
+    t = object.__new__(cls)
+    t.network = torch.nn.Linear(3, 2)
+    t.initial_lr, t.weight_decay, t.adam_eps, t.num_epochs = 1e-3, 3e-5, 1e-4, 19
+    optimizer, schedule = t.configure_optimizers()  # the reference recipe
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.param_groups[0]["lr"] == 1e-3
+    t.optimizer_name = "sgd"  # the engine's recipe
+    optimizer, schedule = t.configure_optimizers()
+    group = optimizer.param_groups[0]
+    assert isinstance(optimizer, torch.optim.SGD) and group["lr"] == 1e-2
+    assert group["momentum"] == 0.99 and group["nesterov"] and group["weight_decay"] == 3e-5
+    assert schedule.max_steps == 19
+    t.optimizer_name = "adam"
+    with pytest.raises(ValueError, match="optimizer_name 'adam'"):
+        t.configure_optimizers()
+    t.is_ddp, t.configuration_manager = False, SimpleNamespace(batch_size=5)
+    t._set_batch_size_and_oversample()
+    assert t.batch_size == 5
+    t.batch_size_override = 12
+    t._set_batch_size_and_oversample()
+    assert t.batch_size == 12
+
+
+def test_unknown_trainer_override_is_refused(tmp_path: Path) -> None:
+    from mednext.demo.run import train_mednext
+
+    settings = DemoSettings(out=tmp_path, trainer_overrides={"learning_rate": 1.0})
+    with pytest.raises(ValueError, match="trainer override 'learning_rate': choose from"):
+        train_mednext(settings, "Dataset990_MedNeXtDemo", torch.device("cpu"), 60.0)
+
+
 def test_enhanced_dataset_class_shifts_each_organ_alike_in_every_slice() -> None:
     from types import SimpleNamespace
 
@@ -290,6 +325,7 @@ def test_shortened_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture
     assert len(on_disk["training"]["budget_log"]) == 1
     assert on_disk["model"]["configuration"] == "2d"
     assert on_disk["model"]["ct_window_hu"] == [-200.0, 250.0]
+    assert on_disk["model"]["crop_body"] is True
 
     # the segmentation is on the held-out series' exact grid and its Dice values are what metrics.json says
     raw = out / "work" / "nnUNet_raw" / "Dataset990_MedNeXtDemo"
@@ -303,6 +339,12 @@ def test_shortened_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture
         assert np.allclose(seg_img.GetDirection(), image.GetDirection())
         seg, ref = sitk.GetArrayFromImage(seg_img), sitk.GetArrayFromImage(ref_img)
         assert set(np.unique(seg).tolist()) <= set(LABELS.values())
+        # both models predicted inside the box around the patient's body only (the default body crop)
+        box = body_bbox(sitk.GetArrayFromImage(image), image.GetSpacing()[::-1])
+        assert box[2][1] - box[2][0] < 512  # the arms or the air beside the body are cut off
+        outside = np.ones(seg.shape, bool)
+        outside[tuple(slice(a, b) for a, b in box)] = False
+        assert not seg[outside].any()
         dice = on_disk["dice"] if key == "dice" else on_disk["nnunet"]["dice"]
         for name in CLASSES:
             expected = _dice(seg == LABELS[name], ref == LABELS[name])
@@ -336,3 +378,23 @@ def test_shortened_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "MedNeXt-S k3" in header and "nnU-Net 2d" in header
     for name in CLASSES:
         assert any(line.split()[:1] == [name] for line in printed.splitlines()), name
+
+
+def test_demo_trials_variant_syntax() -> None:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "demo_trials.py"
+    spec = importlib.util.spec_from_file_location("demo_trials", path)
+    trials = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trials)
+    name, options = trials.parse_variant("nw:ct_window=(-171,79),enhance=False,optimizer_name=sgd,epochs=8")
+    assert name == "nw"
+    assert options == {"ct_window": (-171, 79), "enhance": False, "optimizer_name": "sgd", "epochs": 8}
+    assert trials.parse_variant("base") == ("base", {})
+    with pytest.raises(ValueError, match="unknown key 'lr'"):
+        trials.parse_variant("x:lr=1")
+    with pytest.raises(ValueError, match="not key=value"):
+        trials.parse_variant("x:enhance")
+    settings = trials._settings(Path("/tmp/x"), "cpu", 19, {"rotation_degrees": 180, "epochs": 8, "context_slices": 0})
+    assert settings.max_epochs == 8 and settings.context_slices == 0
+    assert settings.trainer_overrides == {"rotation_degrees": 180}

@@ -58,6 +58,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="no mirroring at prediction (the demo's MedNeXt trains without mirroring, so this only speeds up "
         "the nnU-Net comparison)",
     )  # fmt: skip
+    p.add_argument(
+        "--no-crop-body", action="store_true",
+        help="predict on the held-out scan's whole field of view instead of the box around its body (both "
+        "models; see docs/demo.md for why the crop is the default)",
+    )  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -73,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         workdir=args.workdir,
         compare=args.compare,
         tta=not args.no_tta,
+        crop_body=not args.no_crop_body,
         context_slices=args.context_slices if args.context_slices is not None else CONTEXT_SLICES,
     )
     run_demo(settings)

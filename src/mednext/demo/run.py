@@ -60,6 +60,7 @@ class DemoSettings:
     ct_window: tuple[float, float] | None = CT_WINDOW_HU  # None: keep the engine's fingerprint window
     enhance: bool = True  # contrast-enhancement augmentation
     context_slices: int = CONTEXT_SLICES  # neighbouring slices per side as input channels (2.5D); 0: plain 2D
+    crop_body: bool = True  # predict inside the held-out patient's body box (mednext.pipeline.body), both models
     cache_dir: Path | None = None
     show_progress: bool = True
     # experiments (benchmarks/demo_trials.py): class attributes of the demo trainer to override, e.g.
@@ -247,7 +248,7 @@ def train_nnunet(settings: DemoSettings, dataset_name: str, device: Any, budget_
     return trainer
 
 
-def predict_nnunet(trainer: Any, image: Path, output: Path, tta: bool) -> Path:
+def predict_nnunet(trainer: Any, image: Path, output: Path, tta: bool, crop_body: bool = False) -> Path:
     """Segment ``image`` with the freshly trained nnU-Net network (the engine's predictor)."""
     import contextlib
     import io
@@ -281,7 +282,8 @@ def predict_nnunet(trainer: Any, image: Path, output: Path, tta: bool) -> Path:
     )
     ending = trainer.dataset_json["file_ending"]
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=".nnunet-predict-") as tmp:
-        files = predict_case(predictor, InputCase(output.name[: -len(ending)], [image]), Path(tmp) / "pred")
+        case = InputCase(output.name[: -len(ending)], [image])
+        files = predict_case(predictor, case, Path(tmp) / "pred", crop_body=crop_body)
         os.replace(files[0], output)
     return output
 
@@ -540,13 +542,14 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     curve = _trainer_logs(trainer)
     timings["train_s"] = train_s
 
-    _say("4/5 predicting the held-out patient from its DICOM series", start)
+    crop_note = ", inside the box around the body" if settings.crop_body else ""
+    _say(f"4/5 predicting the held-out patient from its DICOM series{crop_note}", start)
     t = time.perf_counter()
     seg = out / "segmentation.nii.gz"
     predict(
         info.heldout_dicom_dir, seg, dataset=name, configuration=CONFIGURATION, folds=[FOLD], model=settings.model,
         kernel=settings.kernel, plans="MedNeXtPlans", device=str(device), tta=settings.tta, workdir=workdir,
-        log=lambda m: _say(f"    {m}", start),
+        log=lambda m: _say(f"    {m}", start), crop_body=settings.crop_body,
     )  # fmt: skip
     predict_s = time.perf_counter() - t
     timings["predict_s"] = predict_s
@@ -579,7 +582,9 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         nn_trainer = train_nnunet(settings, name, device, budget_s)
         nn_train_s = time.perf_counter() - t
         t = time.perf_counter()
-        nn_seg = predict_nnunet(nn_trainer, info.heldout_image, out / "segmentation_nnunet.nii.gz", settings.tta)
+        nn_seg = predict_nnunet(
+            nn_trainer, info.heldout_image, out / "segmentation_nnunet.nii.gz", settings.tta, settings.crop_body
+        )
         nn_predict_s = time.perf_counter() - t
         nn_epochs = int(nn_trainer.current_epoch)
         nn_iterations = int(getattr(nn_trainer, "iterations_done", nn_epochs * settings.iters_per_epoch))
@@ -614,6 +619,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
             "ct_window_hu": list(settings.ct_window) if settings.ct_window else None,
             "contrast_augmentation": settings.enhance,
             "context_slices": settings.context_slices,
+            "crop_body": settings.crop_body,
         },
         "training": {
             "device": str(device),

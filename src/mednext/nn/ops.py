@@ -246,9 +246,17 @@ def _pad_args(pads: list[tuple[int, int]]) -> tuple[int, ...]:
 
 
 def _sub_kernel(weight: torch.Tensor, index: list[list[int]]) -> torch.Tensor:
+    """The taps ``index[axis]`` (each an arithmetic progression) of every spatial axis, by slicing: no
+    index tensor is copied to the device, so the ops can be captured in a CUDA graph."""
     for axis, idx in enumerate(index):
-        weight = weight.index_select(2 + axis, torch.tensor(idx, device=weight.device))
-    return weight
+        ascending = sorted(idx)
+        step = ascending[1] - ascending[0] if len(idx) > 1 else 1
+        if step < 1 or ascending != list(range(ascending[0], ascending[-1] + 1, step)):
+            raise ValueError(f"sub-kernel taps {idx} are not evenly spaced")
+        weight = weight[(slice(None),) * (2 + axis) + (slice(ascending[0], ascending[-1] + 1, step),)]
+        if list(idx) != ascending:
+            weight = weight.flip(2 + axis)
+    return weight.contiguous()
 
 
 def depthwise_conv_transpose_polyphase(
