@@ -40,10 +40,16 @@ def _conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, padding: tup
 
 
 def _padded_rows(t: torch.Tensor, padding: tuple[int, ...]) -> torch.Tensor:
-    """(N, C, *S) -> zero-padded (N, *(S + 2p), C), contiguous, as rows of C values."""
+    """(N, C, *S) -> zero-padded (N, *(S + 2p), C), contiguous, as rows of C values. Only the border
+    is zero-filled: the interior is written once, by the copy."""
     n, c, *spatial = t.shape
-    out = t.new_zeros((n, *(s + 2 * p for s, p in zip(spatial, padding)), c))
+    out = t.new_empty((n, *(s + 2 * p for s, p in zip(spatial, padding)), c))
     out[(slice(None), *(slice(p, p + s) for s, p in zip(spatial, padding)), slice(None))] = t.movedim(1, -1)
+    for axis, p in enumerate(padding):
+        if p:
+            lead = (slice(None),) * (1 + axis)
+            out[(*lead, slice(0, p))] = 0
+            out[(*lead, slice(out.shape[1 + axis] - p, None))] = 0
     return out
 
 
