@@ -398,3 +398,39 @@ def test_demo_trials_variant_syntax() -> None:
     settings = trials._settings(Path("/tmp/x"), "cpu", 19, {"rotation_degrees": 180, "epochs": 8, "context_slices": 0})
     assert settings.max_epochs == 8 and settings.context_slices == 0
     assert settings.trainer_overrides == {"rotation_degrees": 180}
+
+
+def test_padded_dataset_class_pads_with_air_and_shifts_foreground_locations() -> None:
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(0)
+    data = rng.normal(size=(1, 4, 10, 12)).astype(np.float32)
+    seg = np.zeros((1, 4, 10, 12), np.int8)
+    seg[0, 1, 3:5, 6:9] = 2
+    locations = {1: np.zeros((0, 4), np.int64), 2: np.argwhere(seg == 2)}
+
+    class Base:
+        def load_case(self, identifier):
+            return data, seg, None, {"class_locations": locations, "spacing": [3.0, 3.0, 3.0]}
+
+    props = {"percentile_00_5": -200.0, "mean": 40.0, "std": 60.0}
+    trainer = SimpleNamespace(
+        plans_manager=SimpleNamespace(foreground_intensity_properties_per_channel={"0": props}), fov_padding=5
+    )
+    cls = demo_trainer.padded_dataset_class(Base, trainer)
+    air = (-200.0 - 40.0) / 60.0
+    shapes = set()
+    for _ in range(20):
+        d, s, _, p = cls().load_case("x")
+        assert d.shape[:2] == (1, 4) and s.shape == d.shape
+        assert 10 <= d.shape[2] <= 20 and 12 <= d.shape[3] <= 22
+        shapes.add(d.shape)
+        where = p["class_locations"][2]
+        assert len(where) == 6 and (s[tuple(where.T)] == 2).all()  # shifted with the image
+        y0, x0 = (where[:, 2].min() - 3, where[:, 3].min() - 6)
+        np.testing.assert_array_equal(d[:, :, y0 : y0 + 10, x0 : x0 + 12], data)
+        border = np.ones(d.shape, bool)
+        border[:, :, y0 : y0 + 10, x0 : x0 + 12] = False
+        assert np.allclose(d[border], air) and not s[border].any()
+        assert locations[2][:, 2].min() == 3 and locations[2][:, 3].min() == 6  # the originals are untouched
+    assert len(shapes) > 1  # the padding is random

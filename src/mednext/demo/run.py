@@ -38,7 +38,7 @@ NNUNET_PLANS = "nnUNetPlans"
 CONTEXT_SLICES = 2  # 2.5D: two slices (6 mm) on either side; measured in docs/demo.md
 TRAINER_OVERRIDES = frozenset(
     {"rotation_degrees", "mirror_axes", "optimizer_name", "batch_size_override", "foreground_share",
-     "enhancement_probability"}
+     "enhancement_probability", "fov_padding"}
 )  # fmt: skip
 
 

@@ -180,6 +180,7 @@ class MedNeXtDemoTrainer(TimeBudgetMixin, MedNeXtTrainer):
     rotation_degrees = 15.0  # the engine: +-180 degrees in 2D when the patch is near square
     mirror_axes: tuple[int, ...] | None = None  # the engine: every axis
     optimizer_name = "adamw"  # the reference recipe; "sgd": the engine's SGD (lr 1e-2, Nesterov momentum 0.99)
+    fov_padding = 0  # experiment: pad each volume in-plane with air, 0..fov_padding voxels per side (random)
     batch_size_override: int | None = None  # None: the plans' batch size
 
     def _set_batch_size_and_oversample(self) -> None:
@@ -222,12 +223,16 @@ class MedNeXtDemoTrainer(TimeBudgetMixin, MedNeXtTrainer):
     def initialize(self) -> None:
         self.oversample_foreground_percent = self.foreground_share
         super().initialize()
-        if self.enhancement_probability > 0:
+        if self.enhancement_probability > 0 or self.fov_padding > 0:
             from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
-            # enhance the whole volume as it is loaded, before the context slices are stacked and before
-            # the engine's augmentation: every slice of a sample gets the same shift per organ
-            base = enhanced_dataset_class(infer_dataset_class(self.preprocessed_dataset_folder), self)
+            # enhance (and pad) the whole volume as it is loaded, before the context slices are stacked and
+            # before the engine's augmentation: every slice of a sample gets the same shift per organ
+            base = infer_dataset_class(self.preprocessed_dataset_folder)
+            if self.enhancement_probability > 0:
+                base = enhanced_dataset_class(base, self)
+            if self.fov_padding > 0:
+                base = padded_dataset_class(base, self)
             self.dataset_class = context_dataset_class(base, self.context_slices)
 
 
@@ -248,6 +253,36 @@ def enhanced_dataset_class(base: type, trainer: MedNeXtDemoTrainer) -> type:
         return image[0].numpy(), seg, seg_prev, properties
 
     return type(f"{base.__name__}_enhanced", (base,), {"load_case": load_case})
+
+
+def padded_dataset_class(base: type, trainer: MedNeXtDemoTrainer) -> type:
+    """A subclass of the engine's dataset class that pads each loaded case in-plane (the last two axes)
+    with air (the CT window's lower end, normalised) and background, by random amounts from 0 to
+    ``trainer.fov_padding`` voxels per side, and shifts the foreground locations the engine samples
+    patches around: the network sees the body at other positions and with air around it."""
+    props = trainer.plans_manager.foreground_intensity_properties_per_channel["0"]
+    air = (float(props["percentile_00_5"]) - float(props["mean"])) / float(props["std"])
+    top = int(trainer.fov_padding)
+
+    def load_case(self: object, identifier: str) -> tuple:
+        data, seg, seg_prev, properties = base.load_case(self, identifier)
+        rng = np.random.default_rng()
+        (y0, y1), (x0, x1) = rng.integers(0, top + 1, size=(2, 2))
+        pad = [(0, 0)] * (np.ndim(data) - 2) + [(int(y0), int(y1)), (int(x0), int(x1))]
+        data = np.pad(np.asarray(data, dtype=np.float32), pad, constant_values=air)
+        seg = np.pad(np.asarray(seg), pad, constant_values=0)
+        properties = dict(properties)
+        locations = {}
+        for key, where in properties.get("class_locations", {}).items():
+            where = np.array(where, copy=True)
+            if len(where):
+                where[:, -2] += int(y0)
+                where[:, -1] += int(x0)
+            locations[key] = where
+        properties["class_locations"] = locations
+        return data, seg, seg_prev, properties
+
+    return type(f"{base.__name__}_padded", (base,), {"load_case": load_case})
 
 
 class NnUNetBudgetTrainer(TimeBudgetMixin, nnUNetTrainer):
