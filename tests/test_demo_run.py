@@ -326,6 +326,7 @@ def test_shortened_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture
     assert on_disk["model"]["configuration"] == "2d"
     assert on_disk["model"]["ct_window_hu"] == [-200.0, 250.0]
     assert on_disk["model"]["crop_body"] is True
+    assert on_disk["model"]["fov_padding_voxels"] == 40
 
     # the segmentation is on the held-out series' exact grid and its Dice values are what metrics.json says
     raw = out / "work" / "nnUNet_raw" / "Dataset990_MedNeXtDemo"

@@ -620,6 +620,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
             "contrast_augmentation": settings.enhance,
             "context_slices": settings.context_slices,
             "crop_body": settings.crop_body,
+            "fov_padding_voxels": int(trainer.fov_padding),
         },
         "training": {
             "device": str(device),

@@ -180,7 +180,7 @@ class MedNeXtDemoTrainer(TimeBudgetMixin, MedNeXtTrainer):
     rotation_degrees = 15.0  # the engine: +-180 degrees in 2D when the patch is near square
     mirror_axes: tuple[int, ...] | None = None  # the engine: every axis
     optimizer_name = "adamw"  # the reference recipe; "sgd": the engine's SGD (lr 1e-2, Nesterov momentum 0.99)
-    fov_padding = 0  # experiment: pad each volume in-plane with air, 0..fov_padding voxels per side (random)
+    fov_padding = 40  # pad each volume in-plane with air, 0..40 voxels (120 mm at 3 mm) per side, at random
     batch_size_override: int | None = None  # None: the plans' batch size
 
     def _set_batch_size_and_oversample(self) -> None:
