@@ -101,7 +101,6 @@ def prepare(base: Path, device: str, options: dict[str, Any]) -> dict[str, Any]:
         "image": str(info.heldout_image.relative_to(base)),
         "label": str(info.heldout_label.relative_to(base)),
         "dataset_json": str((info.dataset_dir / "dataset.json").relative_to(base)),
-        "ct_window": list(settings.ct_window) if settings.ct_window else None,
     }
 
 

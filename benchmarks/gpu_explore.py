@@ -37,8 +37,11 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+OUT_DIR = os.environ.get("OUT", ".")  # main() sets it from --out
+
+
 def dump() -> None:
-    with open(os.path.join(os.environ.get("OUT", "."), "gpu_explore.json"), "w") as f:
+    with open(os.path.join(OUT_DIR, "gpu_explore.json"), "w") as f:
         json.dump(RESULTS, f, indent=1)
 
 
@@ -385,11 +388,13 @@ def op_timings():
     dump()
 
 
-def amp_step(model, x, target, opt, scaler):
+def amp_step(model, x, target, opt, scaler, cache_enabled: bool = True):
+    """One training step; ``cache_enabled=False`` for a graphed network (graph capture needs autocast's
+    cast cache off)."""
     from mednext.benchmark import deep_supervision_loss
 
     opt.zero_grad(set_to_none=True)
-    with torch.autocast(DEV, dtype=AMP_DTYPE):
+    with torch.autocast(DEV, dtype=AMP_DTYPE, cache_enabled=cache_enabled):
         loss = deep_supervision_loss(model(x), target)
     scaler.scale(loss).backward()
     scaler.step(opt)
@@ -416,17 +421,6 @@ def graphed(model, x):
         return torch.cuda.make_graphed_callables(_TupleOut(model), (x,), num_warmup_iters=3)
 
 
-def graph_step(model_g, x, target, opt, scaler):
-    from mednext.benchmark import deep_supervision_loss
-
-    opt.zero_grad(set_to_none=True)
-    with torch.autocast(DEV, dtype=AMP_DTYPE, cache_enabled=False):
-        loss = deep_supervision_loss(list(model_g(x)), target)
-    scaler.scale(loss).backward()
-    scaler.step(opt)
-    scaler.update()
-
-
 @section("steps")
 def steps(preset: str, kernel: int, size: int, batch: int, variants: list[str]):
     from mednext.benchmark import build_variants
@@ -449,21 +443,17 @@ def steps(preset: str, kernel: int, size: int, batch: int, variants: list[str]):
         xi = x.contiguous(memory_format=torch.channels_last_3d) if base == "monai_cl" else x
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=3e-5, eps=1e-4)
         scaler = torch.amp.GradScaler(DEV)
-        step = amp_step
+        graph = "+graph" in name
         try:
             t0 = time.time()
-            if "+graph" in name:
-                step = graph_step
-                runner = graphed(model, xi)
-            else:
-                runner = model
-            step(runner, xi, target, opt, scaler)
+            runner = graphed(model, xi) if graph else model
+            amp_step(runner, xi, target, opt, scaler, cache_enabled=not graph)
             sync()
             first = time.time() - t0
             if DEV == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated() if DEV == "cuda" else 0
-            ms = timed(lambda: step(runner, xi, target, opt, scaler), repeats=3, warmup=0)
+            ms = timed(lambda: amp_step(runner, xi, target, opt, scaler, cache_enabled=not graph), repeats=3, warmup=0)
             peak = (torch.cuda.max_memory_allocated() - before) / 2**20 if DEV == "cuda" else float("nan")
             model.eval()
             with torch.no_grad(), torch.autocast(DEV, dtype=AMP_DTYPE):
@@ -545,6 +535,8 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--batch", type=int, default=2)
     args = p.parse_args(argv)
+    global OUT_DIR
+    OUT_DIR = args.out
     gpu = torch.cuda.get_device_name(0) if DEV == "cuda" else "none (CPU dry run)"
     log(f"torch {torch.__version__}, cuda {torch.version.cuda}, cudnn {torch.backends.cudnn.version()}, {gpu}")
     RESULTS["env"] = {"torch": torch.__version__, "gpu": gpu, "cudnn": torch.backends.cudnn.version()}
@@ -563,8 +555,7 @@ def main(argv=None):
         elif name.startswith("also:"):  # also:S:3 runs MONAI and ours (Triton route) for another preset, kernel
             _, preset, kernel = name.split(":")
             steps(preset, int(kernel), args.size, args.batch, ["monai", "ours@layout=channels_last,depthwise=triton"])
-    with open(os.path.join(args.out, "gpu_explore.json"), "w") as f:
-        json.dump(RESULTS, f, indent=1)
+    dump()
     return 0
 
 
