@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mednext.nn import ops
+from mednext.nn import fused, ops
 
 __all__ = [
     "ChannelsFirstLayerNorm",
@@ -244,9 +244,30 @@ class MedNeXtBlock(nn.Module):
             return ops.channel_group_norm(x, self.norm.weight, self.norm.bias, self.norm.eps)
         return self.norm(x)
 
-    def _branch(self, x: torch.Tensor) -> torch.Tensor:
+    def _uses_fused(self, x: torch.Tensor) -> bool:
+        """Whether the branch after the depthwise conv runs fused (:mod:`mednext.nn.fused`): CPU
+        fast path (channels-last input), group norm, no GRN, autocast off."""
+        return (
+            fused.ENABLED
+            and not self.grn
+            and isinstance(self.norm, nn.GroupNorm)
+            and is_channels_last(x)
+            and not ops.uses_cuda_route(x)
+            and ops._autocast_dtype(x.device.type) is None
+        )
+
+    def _branch(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """Everything but the resampled residual path: depthwise conv, norm, expansion, GELU
+        [GRN], compression, plus ``residual`` when given."""
         y = self._depthwise(x)
-        if self.recompute_expansion and self.training and torch.is_grad_enabled():
+        recompute = self.recompute_expansion and self.training and torch.is_grad_enabled()
+        if self._uses_fused(x):
+            return fused.norm_expand_compress(y, residual, self.norm, self.conv2, self.conv3, recompute)
+        y = self._unfused_branch(y, recompute)
+        return y if residual is None else residual + y
+
+    def _unfused_branch(self, y: torch.Tensor, recompute: bool) -> torch.Tensor:
+        if recompute:
             # The compression conv is inside the recomputed function, else it would store its R*C-channel
             # input; the recomputation stops once the saved tensors exist (non-reentrant early stop), before
             # the compression's own GEMM. No random ops here, so the RNG state need not be kept.
@@ -263,8 +284,7 @@ class MedNeXtBlock(nn.Module):
         return conv1x1(self.conv3, y)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._branch(x)
-        return x + y if self.residual else y
+        return self._branch(x, x if self.residual else None)
 
 
 class MedNeXtDownBlock(MedNeXtBlock):

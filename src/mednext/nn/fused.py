@@ -1,0 +1,178 @@
+"""A MedNeXt block's branch after its depthwise conv, fused for the CPU fast path.
+
+The branch is group norm (one group per channel) -> 1x1 expansion -> GELU -> 1x1 compression,
+plus the block's residual. On channels-last activations every step is a pass over memory, and
+this CPU's time goes to those passes and to the page faults of fresh large tensors rather than
+to arithmetic (docs/benchmarks.md, session 5). This module does the same arithmetic in fewer
+passes and with fewer large tensors:
+
+- the norm's statistics are computed, but the normalised tensor is never built: per sample, the
+  norm's scale and shift are folded into the expansion's weights and bias (``W * a``,
+  ``W @ shift + b``), so the expansion GEMM reads the depthwise conv's output directly;
+- the compression GEMM accumulates into ``residual + bias`` (one pass instead of two);
+- backward: the norm's per-channel sums come from the expansion's weight-gradient GEMM
+  (``sum_p dy * x = sum_k W[k, c] * (dz^T x)[k, c]``) and from the bias gradient, so the norm's
+  input gradient is one element-wise pass plus one GEMM accumulated into it; GELU's backward
+  writes over its input gradient.
+
+The block stores its depthwise output (C channels), the expansion output and GELU's output (R*C
+each), one C-channel tensor less than the unfused path (the normalised features), and nothing
+else of size; with ``recompute=True`` (the ``"cheap"`` checkpointing mode) it stores only the
+depthwise output and recomputes the expansion and GELU in the backward pass.
+
+Exact rewrite of the unfused arithmetic; tests/test_fused.py compares it with the plain path in
+float64 and float32.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+# MEDNEXT_FUSED_BLOCKS=0 switches the fused branch off (the unfused fast path then runs), for
+# debugging and for measuring what the fusion gains; the fast path's other kernels stay on.
+ENABLED = os.environ.get("MEDNEXT_FUSED_BLOCKS", "1") != "0"
+
+# Rows per chunk of the variance pass: 256 KiB of one operand, so the centred chunk stays in cache.
+_CHUNK_BYTES = 256 << 10
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """Channels-last (N, C, *S) as the view (N, P, C), P the number of voxels."""
+    return t.movedim(1, -1).reshape(t.shape[0], -1, t.shape[1])
+
+
+def _unrows(r: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
+    """(N, P, C) rows back to a channels-last (N, C, *S) view."""
+    return r.view(r.shape[0], *spatial, r.shape[2]).movedim(-1, 1)
+
+
+def _column_sums(r: torch.Tensor, last: int) -> torch.Tensor:
+    """Sums over the voxels of (N, P, C) rows in two stages (the last spatial axis, then the rest),
+    so that no float32 running sum is long."""
+    n, p, c = r.shape
+    return r.view(n, p // last, last, c).sum(dim=2).sum(dim=1)
+
+
+def _moments(dr: torch.Tensor, last: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (sample, channel) mean and 1/sqrt(var + eps) of (N, P, C) rows, with the variance
+    from centred values (two passes), in cache-sized chunks so the centred values are never a
+    full-size tensor."""
+    n, p, c = dr.shape
+    mean = _column_sums(dr, last).div_(p)
+    acc = torch.float64 if dr.dtype == torch.float64 else torch.float32
+    sumsq = torch.zeros(n, c, dtype=torch.float64, device=dr.device)
+    chunk = max(last, (_CHUNK_BYTES // (c * dr.element_size())) // last * last)
+    for i in range(n):
+        for start in range(0, p, chunk):
+            block = dr[i, start : start + chunk] - mean[i]
+            sumsq[i] += block.square_().view(-1, last, c).sum(dim=1).sum(dim=0, dtype=acc)
+    var = sumsq.div_(p).to(dr.dtype)
+    return mean, (var + eps).rsqrt_()
+
+
+def _expand(dr: torch.Tensor, w_eff: torch.Tensor, b_eff: torch.Tensor) -> torch.Tensor:
+    """Per-sample GEMM (N, P, C) x (N, H, C)^T + (N, H) -> (N, P, H)."""
+    n, p, _ = dr.shape
+    z = dr.new_empty((n, p, w_eff.shape[1]))
+    for i in range(n):
+        torch.mm(dr[i], w_eff[i].t(), out=z[i])
+    return z.add_(b_eff[:, None, :])
+
+
+def _folded(w2, b2, gamma, beta, mean, rstd):
+    """The norm folded into the expansion: per-sample weights (N, H, C) and bias (N, H)."""
+    a = rstd * gamma
+    shift = beta - mean * a
+    return a, shift, w2[None] * a[:, None, :], torch.addmm(b2, shift, w2.t())
+
+
+def _forward(d, residual, gamma, beta, w2, b2, w3, b3, eps, keep):
+    """The branch's forward on rows; returns the output rows, the statistics, and the expansion
+    and GELU outputs when ``keep`` (else GELU runs in place and neither is returned)."""
+    last = d.shape[-1]
+    dr = _rows(d)
+    n, p, _ = dr.shape
+    mean, rstd = _moments(dr, last, eps)
+    _, _, w_eff, b_eff = _folded(w2, b2, gamma, beta, mean, rstd)
+    z = _expand(dr, w_eff, b_eff)
+    g = F.gelu(z) if keep else torch.ops.aten.gelu_(z)
+    co, h = w3.shape
+    if residual is not None:
+        out = torch.add(_rows(residual), b3)
+        out.view(-1, co).addmm_(g.view(-1, h), w3.t())
+    else:
+        out = torch.mm(g.view(-1, h), w3.t()).add_(b3).view(n, p, co)
+    return out, mean, rstd, (z, g) if keep else (None, None)
+
+
+class _NormExpandCompress(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, d, residual, gamma, beta, w2, b2, w3, b3, eps, recompute):
+        out, mean, rstd, (z, g) = _forward(d, residual, gamma, beta, w2, b2, w3, b3, eps, not recompute)
+        ctx.save_for_backward(d, gamma, beta, w2, b2, w3, mean, rstd, z, g)
+        ctx.has_residual = residual is not None
+        return _unrows(out, tuple(d.shape[2:]))
+
+    @staticmethod
+    def backward(ctx, gout):
+        d, gamma, beta, w2, b2, w3, mean, rstd, z, g = ctx.saved_tensors
+        spatial = tuple(d.shape[2:])
+        last = spatial[-1]
+        dr = _rows(d)
+        n, p, c = dr.shape
+        h, co = w2.shape[0], w3.shape[0]
+        a, shift, w_eff, b_eff = _folded(w2, b2, gamma, beta, mean, rstd)
+        if z is None:
+            z = _expand(dr, w_eff, b_eff)
+            g = F.gelu(z)
+        go = _rows(gout.contiguous(memory_format=torch.channels_last_3d if gout.ndim == 5 else torch.channels_last))
+        go2, g2 = go.reshape(-1, co), g.view(-1, h)
+        dw3 = torch.mm(go2.t(), g2)
+        db3 = _column_sums(go, last).sum(dim=0)
+        del g, g2
+        dz = torch.mm(go2, w3)  # gradient of GELU's output, then (in place) of its input
+        torch.ops.aten.gelu_backward.grad_input(dz, z.view(-1, h), grad_input=dz)
+        del z
+        dz3 = dz.view(n, p, h)
+        gram = torch.bmm(dz3.transpose(1, 2), dr)  # (N, H, C): sum over voxels of dz x d
+        sdz = _column_sums(dz3, last)  # (N, H)
+        dw2 = (gram * a[:, None, :]).sum(dim=0) + sdz.t() @ shift
+        db2 = sdz.sum(dim=0)
+        s_dy = sdz @ w2  # per (sample, channel): sum of the normalised features' gradient
+        s_dyx = (gram * w2[None]).sum(dim=1)  # ... and of that gradient times the norm's input
+        s_dyxhat = rstd * (s_dyx - mean * s_dy)
+        dgamma, dbeta = s_dyxhat.sum(dim=0), s_dy.sum(dim=0)
+        coef = -a * rstd * s_dyxhat / p
+        const = -a * s_dy / p - coef * mean
+        dd = torch.addcmul(const[:, None, :], dr, coef[:, None, :])
+        for i in range(n):
+            dd[i].addmm_(dz3[i], w_eff[i])
+        gres = gout if ctx.has_residual else None
+        return _unrows(dd, spatial), gres, dgamma, dbeta, dw2, db2, dw3, db3, None, None
+
+
+def norm_expand_compress(
+    d: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm: torch.nn.GroupNorm,
+    expand: torch.nn.Module,
+    compress: torch.nn.Module,
+    recompute: bool = False,
+) -> torch.Tensor:
+    """``residual + compress(GELU(expand(norm(d))))`` for channels-last ``d`` (and ``residual``),
+    with ``norm`` a GroupNorm of one group per channel and ``expand``/``compress`` 1x1 convs.
+    ``recompute=True`` stores only ``d`` and recomputes the expansion and GELU when backpropagating.
+    Returns a channels-last tensor."""
+    fmt = torch.channels_last_3d if d.ndim == 5 else torch.channels_last
+    d = d.contiguous(memory_format=fmt)  # a strided conv's subsampled view becomes compact
+    if residual is not None:
+        residual = residual.contiguous(memory_format=fmt)
+    args = (d, residual, norm.weight, norm.bias, expand.weight.flatten(1), expand.bias,
+            compress.weight.flatten(1), compress.bias, norm.eps)  # fmt: skip
+    tensors = [t for t in args if isinstance(t, torch.Tensor)]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return _NormExpandCompress.apply(*args, recompute)
+    return _unrows(_forward(*args, keep=False)[0], tuple(d.shape[2:]))
