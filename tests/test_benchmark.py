@@ -11,7 +11,7 @@ def test_variants_share_weights_and_outputs():
     models = build_variants("S", 3, 2, 1, 3)
     x = torch.randn(1, 1, 32, 32)
     diffs = check_parity(models, x)
-    assert set(diffs) == {"monai", "monai_cl", "ours_plain", "ours"}
+    assert set(diffs) == {"monai", "monai_cl", "ours_plain", "ours", "monai_kept", "ours_kept"}
     assert all(v < 1e-5 for v in diffs.values())
     assert not models["ours_plain"].fast_path
     assert not models["ours"].fast_path  # "ours" is the user's default, and 2D networks default to plain
@@ -41,3 +41,25 @@ def test_write_markdown_appends(tmp_path):
     text = path.read_text()
     assert text.count("## MedNeXt-S k3 3D") == 2
     assert "| MONAI 1.6.1, channels_last_3d | 1.000 | 0.50 | 1.00 | 0.500 | 0.50 |" in text
+
+
+def test_unknown_variant_is_refused():
+    from mednext.benchmark import run_benchmark
+
+    with pytest.raises(ValueError, match="unknown benchmark variant"):
+        run_benchmark(variants=("monai", "monai_cl", "ours_fast"))
+
+
+@pytest.mark.slow
+def test_kept_memory_variants_are_timed_and_labelled(tmp_path):
+    from mednext.benchmark import machine_description, run_benchmark
+
+    result = run_benchmark(
+        "S", 3, 3, (32, 32, 32), 1, repeats=1, warmup=0, threads=1, memory=False,
+        variants=("monai", "monai_cl", "ours", "ours_kept", "monai_kept"), log=lambda s: None,
+    )  # fmt: skip
+    assert set(result.train_s) == {"monai", "monai_cl", "ours", "ours_kept", "monai_kept"}
+    assert result.parity["ours_kept"] == result.parity["ours"]  # the same network, a copy
+    path = tmp_path / "b.md"
+    write_markdown(path, result, machine_description(), "cmd")
+    assert "| mednext (default), freed memory kept (as mednext train on the CPU) |" in path.read_text()

@@ -175,7 +175,9 @@ def _interrupted_after_first_epoch() -> Iterator[None]:
 
 
 @pytest.mark.slow
-def test_train_interrupt_resume_3d(planned_3d: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_train_interrupt_resume_3d(
+    planned_3d: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     args = ["train", "901", "--workdir", str(planned_3d / "work"), "--config", "3d_fullres", "--fold", "0"]
     args += ["--epochs", "2", "--iters-per-epoch", "2", "--val-iters", "1", "--no-val", *FAST]
     with _interrupted_after_first_epoch():
@@ -189,7 +191,15 @@ def test_train_interrupt_resume_3d(planned_3d: Path, capsys: pytest.CaptureFixtu
     # without --resume the run refuses to overwrite the interrupted one
     assert main(args) == 2
 
+    import mednext.pipeline.trainer as trainer_module
+
+    kept: list[bool] = []
+    original = trainer_module.reuse_freed_memory
+    monkeypatch.setattr(
+        trainer_module, "reuse_freed_memory", lambda enable=True: kept.append(enable) or original(enable)
+    )
     assert main([*args, "--resume"]) == 0
+    assert kept == [True]  # CPU training keeps freed memory between steps (mednext.memory)
     final = torch.load(fold / "checkpoint_final.pth", weights_only=True)
     assert not (fold / "checkpoint_latest.pth").exists()
     assert final["current_epoch"] == 2

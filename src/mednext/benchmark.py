@@ -9,6 +9,7 @@ same run before anything is timed.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
@@ -24,12 +25,23 @@ import torch
 from torch import nn
 
 VARIANTS = ("monai", "monai_cl", "ours_plain", "ours")
+# Variants timed with freed memory kept in the process (mednext.memory.reuse_freed_memory), as
+# `mednext train` and `mednext predict` run on the CPU: not in the default set, asked for by name.
+KEPT_MEMORY_VARIANTS = ("monai_kept", "ours_kept")
+ALL_VARIANTS = VARIANTS + KEPT_MEMORY_VARIANTS
 LABELS = {
     "monai": "MONAI 1.6.1 as shipped",
     "monai_cl": "MONAI 1.6.1, channels_last_3d",
     "ours_plain": "mednext, fast path off",
     "ours": "mednext (default)",
+    "monai_kept": "MONAI 1.6.1 as shipped, freed memory kept",
+    "ours_kept": "mednext (default), freed memory kept (as mednext train on the CPU)",
 }
+
+
+def _base(variant: str) -> str:
+    """The network a variant runs: ``ours_kept`` runs ``ours``, ``monai_kept`` runs ``monai``."""
+    return variant.removesuffix("_kept")
 
 
 def deep_supervision_loss(outputs: Any, target: torch.Tensor) -> torch.Tensor:
@@ -90,7 +102,10 @@ def build_variants(
     fmt = torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
     monai_cl = monai_cl.to(memory_format=fmt)
     monai_cl._mednext_input_format = fmt  # the benchmark converts its input too
-    return {"monai": monai, "monai_cl": monai_cl, "ours_plain": plain, "ours": ours}
+    models = {"monai": monai, "monai_cl": monai_cl, "ours_plain": plain, "ours": ours}
+    for name in KEPT_MEMORY_VARIANTS:  # their own copies: their own optimizer states
+        models[name] = copy.deepcopy(models[_base(name)])
+    return models
 
 
 def _prepare_input(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -148,7 +163,7 @@ class BenchmarkResult:
             "| peak MiB (train) | max rel. diff vs MONAI |"
         )
         lines = [head, "|" + "---|" * 8]
-        for v in VARIANTS:
+        for v in ALL_VARIANTS:
             if v not in self.train_s:
                 continue  # variant not run
             tr, inf = self.median("train_s", v), self.median("infer_s", v)
@@ -162,6 +177,7 @@ class BenchmarkResult:
 
 def _memory_worker(spec: dict[str, Any]) -> float:
     """Peak RSS rise of one training step of one variant, in a fresh process."""
+    from mednext.memory import reuse_freed_memory
     from mednext.summary import peak_rss_rise
 
     torch.set_num_threads(spec["threads"])
@@ -171,7 +187,8 @@ def _memory_worker(spec: dict[str, Any]) -> float:
     x = _prepare_input(model, torch.randn(spec["batch"], 1, *spec["patch"]))
     target = torch.randint(0, spec["classes"], (spec["batch"], *spec["patch"]))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=3e-5, eps=1e-4)
-    return peak_rss_rise(lambda: training_step(model, x, target, opt)) / 2**20
+    with reuse_freed_memory(spec["variant"] in KEPT_MEMORY_VARIANTS):
+        return peak_rss_rise(lambda: training_step(model, x, target, opt)) / 2**20
 
 
 def _measure_memory(spec: dict[str, Any], device: torch.device, model: nn.Module, x, target) -> float:
@@ -210,6 +227,11 @@ def run_benchmark(
 ) -> BenchmarkResult:
     """Time a training step and an inference forward of each variant, interleaved round by round
     so that background load hits all variants alike; optionally measure peak memory."""
+    from mednext.memory import reuse_freed_memory
+
+    unknown = [v for v in variants if v not in ALL_VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown benchmark variant(s) {unknown}; choose from {' '.join(ALL_VARIANTS)}")
     dev = torch.device(device)
     if threads:
         torch.set_num_threads(threads)
@@ -242,13 +264,18 @@ def run_benchmark(
             training_step(m, inputs[k], target, optimizers[k])
     for rnd in range(repeats):
         for k, m in models.items():
-            m.train()
-            t = _median_time(lambda m=m, k=k: training_step(m, inputs[k], target, optimizers[k]), dev, 1, 0)
-            result.train_s.setdefault(k, []).extend(t)
-            m.eval()
-            with torch.no_grad():
-                t = _median_time(lambda m=m, k=k: m(inputs[k]), dev, 1, 1 if rnd == 0 else 0)
-            result.infer_s.setdefault(k, []).extend(t)
+            # A kept-memory variant keeps it only while it runs, after one untimed step that grows the
+            # heap; leaving returns the memory, so the other variants run with glibc's defaults.
+            kept = k in KEPT_MEMORY_VARIANTS and dev.type == "cpu"
+            with reuse_freed_memory(kept):
+                m.train()
+                step = lambda m=m, k=k: training_step(m, inputs[k], target, optimizers[k])  # noqa: E731
+                t = _median_time(step, dev, 1, 1 if kept else 0)
+                result.train_s.setdefault(k, []).extend(t)
+                m.eval()
+                with torch.no_grad():
+                    t = _median_time(lambda m=m, k=k: m(inputs[k]), dev, 1, 1 if rnd == 0 or kept else 0)
+                result.infer_s.setdefault(k, []).extend(t)
         log(f"round {rnd + 1}/{repeats}: " + ", ".join(f"{k} {result.train_s[k][-1]:.2f}s" for k in models))
     if memory:
         for k in models:

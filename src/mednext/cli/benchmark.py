@@ -26,7 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--variants",
         nargs="+",
         default=None,
-        help="step: subset of monai monai_cl ours_plain ours (default: all four); "
+        help="step: subset of monai monai_cl ours_plain ours (default: all four), plus monai_kept ours_kept "
+        "(the same networks with freed memory kept in the process, as mednext train on the CPU); "
         "predict: subset of engine_monai engine_ours ours_1tile ours (default: engine_monai ours)",
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

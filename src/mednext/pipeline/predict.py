@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from mednext.memory import _glibc, enabled_by_default, reuse_freed_memory  # noqa: F401 (re-exported)
 from mednext.pipeline.body import check_ct_for_body_crop, compose_with_engine_crop, crop_to_body
 from mednext.pipeline.context import context_slices_of, stack_neighbour_slices
 from mednext.pipeline.io import InputCase, collect_input_cases, image_ending
@@ -431,50 +432,6 @@ def _read_case(predictor: nnUNetPredictor, case: InputCase) -> tuple[np.ndarray,
 
 # ----------------------------------------------------------------------------- sliding window on the CPU
 
-# glibc's mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_MAX = -4
-_GLIBC_DEFAULT_TRIM_THRESHOLD = 128 * 1024
-_GLIBC_DEFAULT_MMAP_MAX = 65536
-
-
-def _glibc() -> Any:
-    import ctypes
-    import platform
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return None
-    try:
-        libc = ctypes.CDLL(None)
-        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-    except OSError:  # pragma: no cover - no dynamic loader
-        return None
-
-
-@contextlib.contextmanager
-def reuse_freed_memory():
-    """Keep freed memory in the process while predicting on the CPU (Linux/glibc only).
-
-    glibc serves every allocation above its mmap threshold (at most 32 MiB) with a fresh ``mmap``
-    and returns it on ``free``, so each of the network's large activations is page-faulted and
-    zeroed by the kernel again in every forward (measured: 460,000 page faults, 1.8 GB, per
-    64^3 S forward). Inside this block large blocks come from the heap and freed memory stays
-    there for the next tile; on leaving, glibc's defaults are restored and the free memory is
-    returned to the system (``malloc_trim``). Elsewhere this is a no-op.
-    """
-    libc = _glibc()
-    if libc is None:
-        yield
-        return
-    libc.mallopt(_M_MMAP_MAX, 0)
-    libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
-    try:
-        yield
-    finally:
-        libc.mallopt(_M_MMAP_MAX, _GLIBC_DEFAULT_MMAP_MAX)
-        libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT_TRIM_THRESHOLD)
-        libc.malloc_trim(0)
-
 
 def _mirror_combinations(axes: Sequence[int] | None) -> list[tuple[int, ...]]:
     """The engine's test-time mirroring: no flip, then every non-empty combination of ``axes``."""
@@ -556,7 +513,7 @@ def predict_logits(predictor: nnUNetPredictor, data: torch.Tensor, tile_batch: i
     """Logits of one preprocessed case ``(channels, *spatial)``: the fold ensemble's mean.
 
     On the CPU, :func:`sliding_window_logits` with ``tile_batch`` tiles per forward inside
-    :func:`reuse_freed_memory`; on other devices the engine's own
+    :func:`mednext.memory.reuse_freed_memory`; on other devices the engine's own
     ``predict_logits_from_preprocessed_data`` (float16 autocast on CUDA).
     """
     if predictor.device.type != "cpu":
@@ -565,7 +522,7 @@ def predict_logits(predictor: nnUNetPredictor, data: torch.Tensor, tile_batch: i
     mirror_axes = predictor.allowed_mirroring_axes if predictor.use_mirroring else None
     num_classes = predictor.label_manager.num_segmentation_heads
     total = None
-    with reuse_freed_memory():
+    with reuse_freed_memory(enabled_by_default()):
         for params in predictor.list_of_parameters:
             network.load_state_dict(params)
             logits = sliding_window_logits(

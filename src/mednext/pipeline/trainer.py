@@ -36,6 +36,7 @@ from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch import distributed as dist
 
+from mednext.memory import enabled_by_default, reuse_freed_memory
 from mednext.pipeline.context import CONTEXT_KEY, check_context_slices, context_dataset_class, synchronise_channels
 from mednext.pipeline.planning import architecture_entry, mednext_arch_kwargs
 
@@ -343,6 +344,14 @@ class MedNeXtTrainer(nnUNetTrainer):
 
     def run_training(self) -> None:
         self.on_train_start()
+        # On the CPU freed memory stays in the process between steps (mednext.memory): no page faults
+        # of every large tensor in every step. The data-loading workers, started above, keep glibc's defaults.
+        keep = self.device.type == "cpu" and enabled_by_default()
+        with reuse_freed_memory(keep):
+            self._run_epochs()
+        self.on_train_end()
+
+    def _run_epochs(self) -> None:
         for epoch in range(self.current_epoch, self.num_epochs):
             self.on_epoch_start()
             self.on_train_epoch_start()
@@ -378,7 +387,6 @@ class MedNeXtTrainer(nnUNetTrainer):
                         self.current_epoch,
                     )
             self.on_epoch_end()
-        self.on_train_end()
 
     def on_epoch_end(self) -> None:
         super().on_epoch_end()  # increments current_epoch; saves latest/best checkpoints and progress.png
