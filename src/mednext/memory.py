@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -48,21 +49,32 @@ def enabled_by_default() -> bool:
     return os.environ.get("MEDNEXT_KEEP_FREED_MEMORY", "1") != "0"
 
 
+_LOCK = threading.Lock()
+_DEPTH = [0]  # open reuse_freed_memory blocks, all threads together: the outermost one switches
+
+
 @contextlib.contextmanager
 def reuse_freed_memory(enable: bool = True) -> Iterator[None]:
     """Inside this block, large blocks come from glibc's heap and freed memory stays in the process
-    for the next allocation; on leaving, glibc's defaults are restored and the free memory is
-    returned to the system. A no-op when ``enable`` is False and off Linux/glibc. Not reentrant:
-    the first block to leave restores the defaults."""
+    for the next allocation; on leaving the outermost block, glibc's defaults are restored and the
+    free memory is returned to the system. Blocks nest (a network's forward inside a predictor's
+    block leaves the predictor's setting alone). A no-op when ``enable`` is False and off
+    Linux/glibc."""
     libc = _glibc() if enable else None
     if libc is None:
         yield
         return
-    libc.mallopt(_M_MMAP_MAX, 0)
-    libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    with _LOCK:
+        _DEPTH[0] += 1
+        if _DEPTH[0] == 1:
+            libc.mallopt(_M_MMAP_MAX, 0)
+            libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
     try:
         yield
     finally:
-        libc.mallopt(_M_MMAP_MAX, _GLIBC_DEFAULT_MMAP_MAX)
-        libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT_TRIM_THRESHOLD)
-        libc.malloc_trim(0)
+        with _LOCK:
+            _DEPTH[0] -= 1
+            if _DEPTH[0] == 0:
+                libc.mallopt(_M_MMAP_MAX, _GLIBC_DEFAULT_MMAP_MAX)
+                libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT_TRIM_THRESHOLD)
+                libc.malloc_trim(0)

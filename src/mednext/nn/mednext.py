@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from mednext import memory
 from mednext.nn import fused, ops
 
 __all__ = [
@@ -705,6 +706,14 @@ class MedNeXt(nn.Module):
         fast = self.fast_path and not exporting
         if x.is_cuda and ops.CUDA_ROUTE["layout"] == "plain":
             fast = False  # CUDA without Triton: the plain layout measured fastest (see ops.CUDA_ROUTE)
+        if fast and x.device.type == "cpu" and not torch.is_grad_enabled() and memory.enabled_by_default():
+            # Inference on the CPU: later blocks reuse the memory earlier blocks freed instead of page-faulting
+            # fresh memory for every large tensor (mednext.memory); the setting ends with the forward.
+            with memory.reuse_freed_memory():
+                return self._forward(x, fast)
+        return self._forward(x, fast)
+
+    def _forward(self, x: torch.Tensor, fast: bool) -> torch.Tensor | list[torch.Tensor]:
         if fast:
             x = channels_last(x)  # every block then takes its GEMM / channels-last path
         n = self.num_stages
