@@ -39,41 +39,67 @@ def _conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, padding: tup
     return conv(x, w, b, padding=padding, groups=x.shape[1])
 
 
-def depthwise_weight_grad(x: torch.Tensor, grad: torch.Tensor, kernel: tuple[int, ...]) -> torch.Tensor:
-    """Gradient of a stride-1, padding k//2 depthwise conv's weight, shape (C, 1, *kernel), for
-    channels-last ``x`` and ``grad``.
+def _tap_range(alpha: int, beta: int, n_g: int, gamma: int, delta: int, n_x: int) -> tuple[int, int]:
+    """The q with 0 <= alpha*q + beta < n_g and 0 <= gamma*q + delta < n_x, as [lo, hi)."""
+    lo = max(-(beta // alpha), -(delta // gamma))  # ceil(-beta / alpha), ceil(-delta / gamma)
+    hi = min((n_g - 1 - beta) // alpha, (n_x - 1 - delta) // gamma) + 1
+    return lo, hi
 
-    Per kernel tap, the sum over voxels of the gradient times the input shifted by the tap, over
-    the voxels where the shifted input lies inside the volume (outside it the padding is zero).
-    Both operands are views: no padded copy is made (such copies, fresh 70 MB tensors on S's
-    full-resolution stage, cost more than the products). The work goes slab by slab along the
-    first spatial axis, slabs of about 2 MiB per operand, so a slab's data stay in cache across
-    the taps."""
+
+def depthwise_weight_grad(
+    x: torch.Tensor,
+    grad: torch.Tensor,
+    kernel: tuple[int, ...],
+    stride: tuple[int, ...] | None = None,
+    mode: str = "conv",
+) -> torch.Tensor:
+    """Gradient of a depthwise conv's weight (odd kernel, padding k//2), shape (C, 1, *kernel), for
+    channels-last input ``x`` and output gradient ``grad``.
+
+    ``mode`` "conv": the conv with ``stride`` (default 1), output voxel q reading input s*q + t - p
+    at tap t. "transpose": the transposed conv with ``stride``, written as the stride-1 conv with
+    the flipped kernel of the input with s-1 zeros inserted between voxels; only the products with
+    input voxels count, output voxel s*q - t + p meets input voxel q at (flipped) tap t.
+
+    Per tap, the sum over voxels of the gradient times the input it meets: both are strided views
+    clipped to the voxels inside the volume, so no padded, zero-inserted or subsampled copy is made
+    and no product with a zero is taken. The work goes slab by slab along the first spatial axis,
+    about 2 MiB of the gradient per slab, so a slab stays in cache across the taps."""
     padding = [k // 2 for k in kernel]
+    stride = tuple(stride or (1,) * len(kernel))
     xs, gs = x.movedim(1, -1), grad.movedim(1, -1)  # (N, *S, C) views
-    n, *spatial, c = xs.shape
-    taps = [[t - p for t, p in zip(tap, padding)] for tap in itertools.product(*(range(k) for k in kernel))]
-    # Valid output range of each tap on the axes after the first (the first is clipped per slab).
-    inner = [[(max(0, -o), min(s, s - o)) for o, s in zip(tap[1:], spatial[1:])] for tap in taps]
+    n, *n_x, c = xs.shape
+    n_g = gs.shape[1:-1]
+    taps = list(itertools.product(*(range(k) for k in kernel)))
+    # per tap and axis: g index alpha*q + beta, x index gamma*q + delta
+    if mode == "conv":
+        maps = [[(1, 0, s, t - p) for t, p, s in zip(tap, padding, stride)] for tap in taps]
+    elif mode == "transpose":
+        maps = [[(s, p - t, 1, 0) for t, p, s in zip(tap, padding, stride)] for tap in taps]
+    else:
+        raise ValueError(f"mode={mode!r}: use 'conv' or 'transpose'")
+    ranges = [[_tap_range(*m[a][:2], n_g[a], *m[a][2:], n_x[a]) for a in range(len(kernel))] for m in maps]
     acc = torch.zeros(len(taps), c, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device)
-    slab_bytes = n * math.prod(spatial[1:]) * c * x.element_size()
-    planes = max(1, _CHUNK_BYTES // slab_bytes)
-    for start in range(0, spatial[0], planes):
-        stop = min(start + planes, spatial[0])
-        for i, (tap, ranges) in enumerate(zip(taps, inner)):
-            lo, hi = max(start, -tap[0]), min(stop, spatial[0] - tap[0])
-            if lo >= hi or any(a >= b for a, b in ranges):
+    slab_bytes = n * math.prod(n_g[1:]) * c * grad.element_size()
+    planes = max(1, _CHUNK_BYTES // slab_bytes)  # gradient planes per slab
+    for start in range(0, n_g[0], planes):
+        stop = start + planes
+        for i, (m, r) in enumerate(zip(maps, ranges)):
+            (alpha, beta, gamma, delta), (lo, hi) = m[0], r[0]
+            # the q whose gradient plane alpha*q + beta falls in [start, stop)
+            lo = max(lo, -((beta - start) // alpha))
+            hi = min(hi, (stop - 1 - beta) // alpha + 1)
+            if lo >= hi or any(a >= b for a, b in r[1:]):
                 continue
-            g = gs[(slice(None), slice(lo, hi), *(slice(a, b) for a, b in ranges))]
-            xv = xs[
-                (
-                    slice(None),
-                    slice(lo + tap[0], hi + tap[0]),
-                    *(slice(a + o, b + o) for (a, b), o in zip(ranges, tap[1:])),
-                )
-            ]
-            acc[i] += torch.mul(g, xv).view(-1, c).sum(dim=0)
-    return acc.t().reshape(c, 1, *kernel).to(x.dtype)
+            g_idx = [slice(alpha * lo + beta, alpha * (hi - 1) + beta + 1, alpha)]
+            x_idx = [slice(gamma * lo + delta, gamma * (hi - 1) + delta + 1, gamma)]
+            for (al, be, ga, de), (a, b) in zip(m[1:], r[1:]):
+                g_idx.append(slice(al * a + be, al * (b - 1) + be + 1, al))
+                x_idx.append(slice(ga * a + de, ga * (b - 1) + de + 1, ga))
+            prod = torch.mul(gs[(slice(None), *g_idx)], xs[(slice(None), *x_idx)])
+            acc[i] += prod.view(-1, c).sum(dim=0)
+    out = acc.t().reshape(c, 1, *kernel).to(x.dtype)
+    return out.flip(tuple(range(2, out.ndim))) if mode == "transpose" else out
 
 
 class _DepthwiseConv(torch.autograd.Function):
@@ -117,30 +143,106 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
 def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Stride-1 depthwise conv with padding k//2 (odd kernels), fast backward. Under autocast it
     runs in autocast's dtype, like PyTorch's convolutions (the backward then sees one dtype)."""
+    return _DepthwiseConv.apply(*_autocast_args(x, weight, bias))
+
+
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last_3d if t.ndim == 5 else torch.channels_last)
+
+
+def _zero_inserted(t: torch.Tensor, stride: tuple[int, ...], size: tuple[int, ...]) -> torch.Tensor:
+    """Channels-last (N, C, *size) zeros with ``t`` on every s-th voxel from the first."""
+    n, c = t.shape[:2]
+    up = t.new_zeros((n, *size, c)).movedim(-1, 1)
+    up[(slice(None), slice(None), *(slice(None, None, s) for s in stride))] = t
+    return up
+
+
+class _DepthwiseConvStrided(torch.autograd.Function):
+    """Strided depthwise conv (odd kernel, padding k//2) on channels-last tensors: PyTorch's
+    strided forward; backward: the input gradient is the stride-1 conv, flipped kernel, of the
+    zero-inserted output gradient; the weight gradient takes only the products that exist."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride):
+        ctx.save_for_backward(x, weight)
+        ctx.stride, ctx.has_bias = stride, bias is not None
+        padding = tuple(k // 2 for k in weight.shape[2:])
+        conv = F.conv3d if x.ndim == 5 else F.conv2d
+        return conv(x, weight, bias, stride=stride, padding=padding, groups=x.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        kernel = tuple(weight.shape[2:])
+        padding = tuple(k // 2 for k in kernel)
+        grad = _channels_last(grad)
+        spatial = tuple(range(2, grad.ndim))
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = _conv(_zero_inserted(grad, ctx.stride, tuple(x.shape[2:])), weight.flip(spatial), None, padding)
+        if ctx.needs_input_grad[1]:
+            gw = depthwise_weight_grad(x, grad, kernel, ctx.stride, "conv")
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = grad.sum(dim=(0, *spatial))
+        return gx, gw, gb, None
+
+
+class _DepthwiseConvTranspose(torch.autograd.Function):
+    """Depthwise transposed conv (odd kernel, padding k//2, output (N-1)*s+1 per axis) on
+    channels-last tensors: the stride-1 conv, flipped kernel, of the zero-inserted input; it stores
+    the input, not the zero-inserted copy. Backward: the input gradient is the strided conv of the
+    output gradient with the kernel itself; the weight gradient takes only the products with input
+    voxels, not with the inserted zeros."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride):
+        ctx.save_for_backward(x, weight)
+        ctx.stride, ctx.has_bias = stride, bias is not None
+        kernel = tuple(weight.shape[2:])
+        size = tuple((v - 1) * s + 1 for v, s in zip(x.shape[2:], stride))
+        flipped = weight.flip(tuple(range(2, weight.ndim)))
+        return _conv(_zero_inserted(x, stride, size), flipped, bias, tuple(k // 2 for k in kernel))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        kernel = tuple(weight.shape[2:])
+        padding = tuple(k // 2 for k in kernel)
+        grad = _channels_last(grad)
+        spatial = tuple(range(2, grad.ndim))
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            conv = F.conv3d if grad.ndim == 5 else F.conv2d
+            gx = conv(grad, weight, None, stride=ctx.stride, padding=padding, groups=grad.shape[1])
+        if ctx.needs_input_grad[1]:
+            gw = depthwise_weight_grad(x, grad, kernel, ctx.stride, "transpose")
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = grad.sum(dim=(0, *spatial))
+        return gx, gw, gb, None
+
+
+def _autocast_args(x, weight, bias):
     dtype = _autocast_dtype(x.device.type)
     if dtype is not None:
         x, weight = x.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
-    return _DepthwiseConv.apply(x, weight, bias)
+    return x, weight, bias
 
 
 def depthwise_conv_strided(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: tuple[int, ...]
 ) -> torch.Tensor:
-    """Strided depthwise conv with padding k//2: the stride-1 conv, subsampled."""
-    y = depthwise_conv(x, weight, bias)
-    return y[(slice(None), slice(None), *(slice(None, None, s) for s in stride))]
+    """Strided depthwise conv with padding k//2 (odd kernels) on channels-last ``x``, fast backward."""
+    return _DepthwiseConvStrided.apply(*_autocast_args(x, weight, bias), tuple(stride))
 
 
 def depthwise_conv_transpose(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: tuple[int, ...]
 ) -> torch.Tensor:
-    """Depthwise transposed conv with padding k//2 (output (N-1)*s+1 per axis): the stride-1 conv
-    with the flipped kernel applied to the input with s-1 zeros inserted between voxels."""
-    n, c, *spatial = x.shape
-    up = x.new_zeros((n, *((v - 1) * s + 1 for v, s in zip(spatial, stride)), c)).movedim(-1, 1)
-    up[(slice(None), slice(None), *(slice(None, None, s) for s in stride))] = x
-    return depthwise_conv(up, weight.flip(tuple(range(2, weight.ndim))), bias)
+    """Depthwise transposed conv with padding k//2 (odd kernels; output (N-1)*s+1 per axis) on
+    channels-last ``x``, fast backward."""
+    return _DepthwiseConvTranspose.apply(*_autocast_args(x, weight, bias), tuple(stride))
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
