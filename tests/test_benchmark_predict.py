@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import resource
 
 import numpy as np
 import pytest
@@ -23,7 +22,7 @@ from mednext.benchmark_predict import (  # noqa: E402
     write_markdown,
 )
 from mednext.nn import MedNeXt  # noqa: E402
-from mednext.pipeline.predict import _glibc, reuse_freed_memory, sliding_window_logits  # noqa: E402
+from mednext.pipeline.predict import sliding_window_logits  # noqa: E402
 
 TINY = {"width": 8, "block_counts": 1}  # S's layout (4 stages, k3), narrow and shallow
 
@@ -129,21 +128,6 @@ def test_agreement_counts_differences(setup, tmp_path):
     np.savez_compressed(b / "ct.npz", probabilities=probs)
     one = agreement(a, b)
     assert one.voxels_prob_diff_over_1e4 == 1 and one.max_abs_prob_diff > 0.1
-
-
-@pytest.mark.skipif(_glibc() is None, reason="glibc only")
-def test_reuse_freed_memory_stops_page_faults_of_large_tensors():
-    def faults_of_big_allocations() -> int:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        for _ in range(4):
-            torch.ones(16 * 2**20)  # 64 MiB: above glibc's largest mmap threshold
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-
-    assert faults_of_big_allocations() > 4 * 10_000  # each one mapped and zeroed afresh
-    with reuse_freed_memory():
-        faults_of_big_allocations()  # the heap grows once to hold the block
-        assert faults_of_big_allocations() < 4 * 1_000  # then the freed block is reused
-    assert faults_of_big_allocations() > 4 * 10_000  # defaults are back
 
 
 def test_tile_batch_below_one_is_refused(tmp_path, capsys):
