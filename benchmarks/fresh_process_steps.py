@@ -1,0 +1,98 @@
+"""Training step and inference forward of each variant, each in a fresh Python process.
+
+`mednext benchmark` times every variant in one process, interleaved. On the CPU a process's
+heap history changes what later allocations cost (glibc reuses freed heap chunks instead of
+mapping fresh pages; see mednext/memory.py), so in one process the variants timed later, or
+after a kept-memory variant, get some of that reuse for free. Here every variant runs in a new
+process, as a user's script would: build the network (MONAI's seeded initialisation, converted
+for ours, as the benchmark), one untimed training step, ``--steps`` timed steps, one untimed and
+``--steps`` timed inference forwards; the variants alternate round by round.
+
+A variant name ending in ``+kept`` runs with glibc's mmap off for the whole process
+(``MALLOC_MMAP_MAX_=0``, no trimming), which is what ``mednext train`` switches on around its
+epoch loop on the CPU.
+
+    python benchmarks/fresh_process_steps.py --rounds 2 --variants monai ours monai_cl ours+kept monai+kept
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+WORKER = """
+import json, resource, sys, time, torch
+spec = json.loads(sys.argv[1])
+torch.set_num_threads(spec["threads"])
+from mednext.benchmark import _prepare_input, build_variants, training_step
+models = build_variants(spec["model"], spec["kernel"], 3, 1, 4)
+m = models[spec["variant"]].train()
+del models
+torch.manual_seed(1)
+x = _prepare_input(m, torch.randn(spec["batch"], 1, *[spec["patch"]] * 3))
+target = torch.randint(0, 4, (spec["batch"], *[spec["patch"]] * 3))
+opt = torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=3e-5, eps=1e-4)
+training_step(m, x, target, opt)
+train = []
+for _ in range(spec["steps"]):
+    t = time.perf_counter(); training_step(m, x, target, opt); train.append(time.perf_counter() - t)
+m.eval()
+infer = []
+with torch.no_grad():
+    m(x)
+    for _ in range(spec["steps"]):
+        t = time.perf_counter(); m(x); infer.append(time.perf_counter() - t)
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"train": train, "infer": infer, "max_rss_mib": rss}))
+"""
+
+
+def run_variant(name: str, args: argparse.Namespace) -> dict:
+    base, _, policy = name.partition("+")
+    env = dict(os.environ)
+    if policy == "kept":
+        env.update(MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_="100000000000")
+    elif policy:
+        raise SystemExit(f"unknown policy {policy!r} in variant {name!r}; use NAME or NAME+kept")
+    spec = {"variant": base, "model": args.model, "kernel": args.kernel, "patch": args.patch,
+            "batch": args.batch, "threads": args.threads, "steps": args.steps}  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", WORKER, json.dumps(spec)], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="S")
+    p.add_argument("--kernel", type=int, default=3)
+    p.add_argument("--patch", type=int, default=64)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--steps", type=int, default=2, help="timed steps and forwards per process (default 2)")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--variants", nargs="+", default=["monai", "ours", "monai_cl", "ours+kept", "monai+kept"])
+    args = p.parse_args()
+    results: dict[str, list[dict]] = {v: [] for v in args.variants}
+    for rnd in range(args.rounds):
+        for v in args.variants:
+            r = run_variant(v, args)
+            results[v].append(r)
+            print(f"round {rnd + 1} {v}: train {statistics.mean(r['train']):.2f} s, "
+                  f"infer {statistics.mean(r['infer']):.2f} s, max RSS {r['max_rss_mib']:,.0f} MiB", flush=True)  # fmt: skip
+    ref = {k: statistics.median(statistics.mean(r[k]) for r in results["monai"]) for k in ("train", "infer")}
+    print("\n| variant (own process) | train s | x MONAI | infer s | x MONAI | max RSS MiB |")
+    print("|---|---|---|---|---|---|")
+    for v, rs in results.items():
+        tr = statistics.median(statistics.mean(r["train"]) for r in rs)
+        inf = statistics.median(statistics.mean(r["infer"]) for r in rs)
+        rss = statistics.median(r["max_rss_mib"] for r in rs)
+        print(f"| {v} | {tr:.2f} | {tr / ref['train']:.2f} | {inf:.2f} | {inf / ref['infer']:.2f} | {rss:,.0f} |")
+
+
+if __name__ == "__main__":
+    main()
