@@ -152,6 +152,7 @@ class BenchmarkResult:
     train_s: dict[str, list[float]] = field(default_factory=dict)
     infer_s: dict[str, list[float]] = field(default_factory=dict)
     peak_mib: dict[str, float] = field(default_factory=dict)
+    fresh_processes: bool = False
 
     def median(self, kind: str, variant: str) -> float:
         return statistics.median(getattr(self, kind)[variant])
@@ -191,6 +192,40 @@ def _memory_worker(spec: dict[str, Any]) -> float:
         return peak_rss_rise(lambda: training_step(model, x, target, opt)) / 2**20
 
 
+def _timing_worker(spec: dict[str, Any]) -> dict[str, float]:
+    """One round of one variant in a fresh process: ``warmup`` untimed training steps, one timed,
+    then one untimed and one timed inference forward. A kept-memory variant keeps freed memory
+    for the whole process, as ``mednext train`` does for its epoch loop."""
+    from mednext.memory import reuse_freed_memory
+
+    torch.set_num_threads(spec["threads"])
+    models = build_variants(spec["preset"], spec["kernel"], spec["dims"], 1, spec["classes"])
+    model = models[spec["variant"]].train()
+    del models
+    torch.manual_seed(1)
+    x = _prepare_input(model, torch.randn(spec["batch"], 1, *spec["patch"]))
+    target = torch.randint(0, spec["classes"], (spec["batch"], *spec["patch"]))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=3e-5, eps=1e-4)
+    dev = torch.device("cpu")
+    with reuse_freed_memory(spec["variant"] in KEPT_MEMORY_VARIANTS):
+        train = _median_time(lambda: training_step(model, x, target, opt), dev, 1, max(1, spec["warmup"]))
+        model.eval()
+        with torch.no_grad():
+            infer = _median_time(lambda: model(x), dev, 1, 1)
+    return {"train": train[0], "infer": infer[0]}
+
+
+def _time_in_fresh_process(spec: dict[str, Any]) -> dict[str, float]:
+    code = (
+        "import json,sys; from mednext.benchmark import _timing_worker; "
+        "print(json.dumps(_timing_worker(json.loads(sys.argv[1]))))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"timing of {spec['variant']} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def _measure_memory(spec: dict[str, Any], device: torch.device, model: nn.Module, x, target) -> float:
     if device.type == "cuda":
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=3e-5, eps=1e-4)
@@ -224,9 +259,15 @@ def run_benchmark(
     memory: bool = True,
     num_classes: int = 4,
     log: Callable[[str], None] = print,
+    fresh_processes: bool | None = None,
 ) -> BenchmarkResult:
     """Time a training step and an inference forward of each variant, interleaved round by round
-    so that background load hits all variants alike; optionally measure peak memory."""
+    so that background load hits all variants alike; optionally measure peak memory.
+
+    ``fresh_processes`` (default: on the CPU): every round of every variant runs in a new Python
+    process (``warmup`` untimed steps first, at least one), as a user's script would. In one
+    process the variants timed later reuse heap memory that earlier ones freed, which on the CPU
+    changes a step's time by up to 2x (docs/benchmarks.md, session 5)."""
     from mednext.memory import reuse_freed_memory
 
     unknown = [v for v in variants if v not in ALL_VARIANTS]
@@ -256,6 +297,26 @@ def run_benchmark(
         preset=preset, kernel_size=kernel_size, spatial_dims=spatial_dims, patch=patch, batch=batch,
         device=str(dev), threads=torch.get_num_threads(), repeats=repeats, parity=parity,
     )  # fmt: skip
+    if fresh_processes is None:
+        fresh_processes = dev.type == "cpu"
+    if fresh_processes and dev.type != "cpu":
+        raise ValueError("fresh_processes times CPU runs only; on CUDA the caching allocator already reuses memory")
+    spec = {
+        "preset": preset, "kernel": kernel_size, "dims": spatial_dims, "classes": num_classes,
+        "batch": batch, "patch": list(patch), "threads": torch.get_num_threads(), "warmup": warmup,
+    }  # fmt: skip
+    if fresh_processes:
+        result.fresh_processes = True
+        for rnd in range(repeats):
+            for k in models:
+                t = _time_in_fresh_process({**spec, "variant": k})
+                result.train_s.setdefault(k, []).append(t["train"])
+                result.infer_s.setdefault(k, []).append(t["infer"])
+            log(f"round {rnd + 1}/{repeats}: " + ", ".join(f"{k} {result.train_s[k][-1]:.2f}s" for k in models))
+        if memory:
+            for k in models:
+                result.peak_mib[k] = _measure_memory({**spec, "variant": k}, dev, models[k].train(), x, target)
+        return result
     optimizers = {k: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=3e-5, eps=1e-4) for k, m in models.items()}
     inputs = {k: _prepare_input(m, x) for k, m in models.items()}
     for k, m in models.items():  # warm-up (and optimizer state allocation) before any timing
@@ -279,11 +340,7 @@ def run_benchmark(
         log(f"round {rnd + 1}/{repeats}: " + ", ".join(f"{k} {result.train_s[k][-1]:.2f}s" for k in models))
     if memory:
         for k in models:
-            spec = {
-                "preset": preset, "kernel": kernel_size, "dims": spatial_dims, "classes": num_classes,
-                "variant": k, "batch": batch, "patch": list(patch), "threads": torch.get_num_threads(),
-            }  # fmt: skip
-            result.peak_mib[k] = _measure_memory(spec, dev, models[k].train(), inputs[k], target)
+            result.peak_mib[k] = _measure_memory({**spec, "variant": k}, dev, models[k].train(), inputs[k], target)
     return result
 
 
@@ -310,7 +367,7 @@ def write_markdown(path: str | os.PathLike, result: BenchmarkResult, machine: st
     section = (
         f"\n## MedNeXt-{result.preset} k{result.kernel_size} {result.spatial_dims}D, patch {patch}, batch {result.batch}, "
         f"{result.device}\n\n- machine: {machine}\n- command: `{command}`\n- median of {result.repeats} interleaved "
-        f"rounds; a training step is forward + deep-supervision CE + backward + AdamW; peak memory is "
+        f"rounds{' (each round of each variant in a fresh process)' if result.fresh_processes else ' (all in one process)'}; a training step is forward + deep-supervision CE + backward + AdamW; peak memory is "
         f"{'max_memory_allocated' if result.device.startswith('cuda') else 'the peak-RSS rise of a fresh process'} "
         f"during one training step\n\n{result.table()}\n"
     )

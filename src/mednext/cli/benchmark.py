@@ -32,6 +32,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="step, CPU: time all variants in this one process (default: each round of each variant in a "
+        "fresh process, because a process's heap history changes CPU step times)",
+    )
     p.add_argument("--write", metavar="MD", default=None, help="append the table to this Markdown file")
     g = p.add_argument_group("--task predict")
     g.add_argument("--tta", action="store_true", help="mirroring test-time augmentation on (default off)")
@@ -58,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         args.model, args.kernel, args.dims, patch, args.batch, device=args.device, repeats=args.repeats,
         warmup=args.warmup, threads=args.threads, memory=not args.no_memory,
         variants=args.variants or VARIANTS, log=lambda s: print(s, file=sys.stderr, flush=True),
+        fresh_processes=False if args.in_process else None,
     )  # fmt: skip
     print(result.table())
     if args.write:
@@ -67,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
             f"--repeats {args.repeats} --warmup {args.warmup}"
             + (f" --variants {' '.join(args.variants)}" if args.variants else "")
             + (" --no-memory" if args.no_memory else "")
+            + (" --in-process" if args.in_process else "")
         )
         write_markdown(args.write, result, machine_description(args.device), command)
     return 0
