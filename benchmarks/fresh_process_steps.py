@@ -1,6 +1,6 @@
 """Training step and inference forward of each variant, each in a fresh Python process.
 
-`mednext benchmark` times every variant in one process, interleaved. On the CPU a process's
+`mednext benchmark --in-process` times every variant in one process, interleaved. On the CPU a process's
 heap history changes what later allocations cost (glibc reuses freed heap chunks instead of
 mapping fresh pages; see mednext/memory.py), so in one process the variants timed later, or
 after a kept-memory variant, get some of that reuse for free. Here every variant runs in a new
@@ -26,16 +26,9 @@ import sys
 
 WORKER = """
 import json, resource, sys, time, torch
+from mednext.benchmark import _worker_setup, training_step
 spec = json.loads(sys.argv[1])
-torch.set_num_threads(spec["threads"])
-from mednext.benchmark import _prepare_input, build_variants, training_step
-models = build_variants(spec["model"], spec["kernel"], 3, 1, 4)
-m = models[spec["variant"]].train()
-del models
-torch.manual_seed(1)
-x = _prepare_input(m, torch.randn(spec["batch"], 1, *[spec["patch"]] * 3))
-target = torch.randint(0, 4, (spec["batch"], *[spec["patch"]] * 3))
-opt = torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=3e-5, eps=1e-4)
+m, x, target, opt = _worker_setup(spec)
 training_step(m, x, target, opt)
 train = []
 for _ in range(spec["steps"]):
@@ -58,8 +51,8 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
         env.update(MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_="100000000000")
     elif policy:
         raise SystemExit(f"unknown policy {policy!r} in variant {name!r}; use NAME or NAME+kept")
-    spec = {"variant": base, "model": args.model, "kernel": args.kernel, "patch": args.patch,
-            "batch": args.batch, "threads": args.threads, "steps": args.steps}  # fmt: skip
+    spec = {"variant": base, "preset": args.model, "kernel": args.kernel, "dims": 3, "classes": 4,
+            "patch": [args.patch] * 3, "batch": args.batch, "threads": args.threads, "steps": args.steps}  # fmt: skip
     proc = subprocess.run([sys.executable, "-c", WORKER, json.dumps(spec)], env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")

@@ -176,18 +176,25 @@ class BenchmarkResult:
         return "\n".join(lines)
 
 
+def _worker_setup(spec: dict[str, Any]) -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.optim.Optimizer]:
+    """In a fresh process: the variant's network (training mode), its input, target and optimizer."""
+    torch.set_num_threads(spec["threads"])
+    models = build_variants(spec["preset"], spec["kernel"], spec["dims"], 1, spec["classes"])
+    model = models[spec["variant"]].train()
+    del models
+    torch.manual_seed(1)
+    x = _prepare_input(model, torch.randn(spec["batch"], 1, *spec["patch"]))
+    target = torch.randint(0, spec["classes"], (spec["batch"], *spec["patch"]))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=3e-5, eps=1e-4)
+    return model, x, target, opt
+
+
 def _memory_worker(spec: dict[str, Any]) -> float:
     """Peak RSS rise of one training step of one variant, in a fresh process."""
     from mednext.memory import reuse_freed_memory
     from mednext.summary import peak_rss_rise
 
-    torch.set_num_threads(spec["threads"])
-    models = build_variants(spec["preset"], spec["kernel"], spec["dims"], 1, spec["classes"])
-    model = models[spec["variant"]].train()
-    del models
-    x = _prepare_input(model, torch.randn(spec["batch"], 1, *spec["patch"]))
-    target = torch.randint(0, spec["classes"], (spec["batch"], *spec["patch"]))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=3e-5, eps=1e-4)
+    model, x, target, opt = _worker_setup(spec)
     with reuse_freed_memory(spec["variant"] in KEPT_MEMORY_VARIANTS):
         return peak_rss_rise(lambda: training_step(model, x, target, opt)) / 2**20
 
@@ -198,14 +205,7 @@ def _timing_worker(spec: dict[str, Any]) -> dict[str, float]:
     for the whole process, as ``mednext train`` does for its epoch loop."""
     from mednext.memory import reuse_freed_memory
 
-    torch.set_num_threads(spec["threads"])
-    models = build_variants(spec["preset"], spec["kernel"], spec["dims"], 1, spec["classes"])
-    model = models[spec["variant"]].train()
-    del models
-    torch.manual_seed(1)
-    x = _prepare_input(model, torch.randn(spec["batch"], 1, *spec["patch"]))
-    target = torch.randint(0, spec["classes"], (spec["batch"], *spec["patch"]))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=3e-5, eps=1e-4)
+    model, x, target, opt = _worker_setup(spec)
     dev = torch.device("cpu")
     with reuse_freed_memory(spec["variant"] in KEPT_MEMORY_VARIANTS):
         train = _median_time(lambda: training_step(model, x, target, opt), dev, 1, max(1, spec["warmup"]))
@@ -215,14 +215,14 @@ def _timing_worker(spec: dict[str, Any]) -> dict[str, float]:
     return {"train": train[0], "infer": infer[0]}
 
 
-def _time_in_fresh_process(spec: dict[str, Any]) -> dict[str, float]:
+def _in_fresh_process(worker: str, spec: dict[str, Any]) -> Any:
+    """``mednext.benchmark.<worker>(spec)`` run in a new Python process; its JSON result."""
     code = (
-        "import json,sys; from mednext.benchmark import _timing_worker; "
-        "print(json.dumps(_timing_worker(json.loads(sys.argv[1]))))"
+        f"import json,sys; from mednext.benchmark import {worker}; print(json.dumps({worker}(json.loads(sys.argv[1]))))"
     )
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"timing of {spec['variant']} failed:\n{proc.stderr[-2000:]}")
+        raise RuntimeError(f"{worker} of {spec['variant']} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -236,13 +236,7 @@ def _measure_memory(spec: dict[str, Any], device: torch.device, model: nn.Module
         training_step(model, x, target, opt)
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - before) / 2**20
-    code = (
-        "import json,sys; from mednext.benchmark import _memory_worker; print(_memory_worker(json.loads(sys.argv[1])))"
-    )
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"memory measurement of {spec['variant']} failed:\n{proc.stderr[-2000:]}")
-    return float(proc.stdout.strip().splitlines()[-1])
+    return float(_in_fresh_process("_memory_worker", spec))
 
 
 def run_benchmark(
@@ -309,7 +303,7 @@ def run_benchmark(
         result.fresh_processes = True
         for rnd in range(repeats):
             for k in models:
-                t = _time_in_fresh_process({**spec, "variant": k})
+                t = _in_fresh_process("_timing_worker", {**spec, "variant": k})
                 result.train_s.setdefault(k, []).append(t["train"])
                 result.infer_s.setdefault(k, []).append(t["infer"])
             log(f"round {rnd + 1}/{repeats}: " + ", ".join(f"{k} {result.train_s[k][-1]:.2f}s" for k in models))

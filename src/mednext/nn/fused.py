@@ -31,6 +31,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from mednext.nn import ops
+
 # MEDNEXT_FUSED_BLOCKS=0 switches the fused branch off (the unfused fast path then runs), for
 # debugging and for measuring what the fusion gains; the fast path's other kernels stay on.
 ENABLED = os.environ.get("MEDNEXT_FUSED_BLOCKS", "1") != "0"
@@ -128,7 +130,7 @@ class _NormExpandCompress(torch.autograd.Function):
         if z is None:
             z = _expand(dr, w_eff, b_eff)
             g = F.gelu(z)
-        go = _rows(gout.contiguous(memory_format=torch.channels_last_3d if gout.ndim == 5 else torch.channels_last))
+        go = _rows(ops._channels_last(gout))
         go2, g2 = go.reshape(-1, co), g.view(-1, h)
         dw3 = torch.mm(go2.t(), g2)
         db3 = _column_sums(go, last).sum(dim=0)
@@ -166,10 +168,9 @@ def norm_expand_compress(
     with ``norm`` a GroupNorm of one group per channel and ``expand``/``compress`` 1x1 convs.
     ``recompute=True`` stores only ``d`` and recomputes the expansion and GELU when backpropagating.
     Returns a channels-last tensor."""
-    fmt = torch.channels_last_3d if d.ndim == 5 else torch.channels_last
-    d = d.contiguous(memory_format=fmt)  # a strided conv's subsampled view becomes compact
+    d = ops._channels_last(d)  # rows need compact channels-last storage; a no-op when it is already
     if residual is not None:
-        residual = residual.contiguous(memory_format=fmt)
+        residual = ops._channels_last(residual)
     args = (d, residual, norm.weight, norm.bias, expand.weight.flatten(1), expand.bias,
             compress.weight.flatten(1), compress.bias, norm.eps)  # fmt: skip
     tensors = [t for t in args if isinstance(t, torch.Tensor)]

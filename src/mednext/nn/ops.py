@@ -102,34 +102,6 @@ def depthwise_weight_grad(
     return out.flip(tuple(range(2, out.ndim))) if mode == "transpose" else out
 
 
-class _DepthwiseConv(torch.autograd.Function):
-    """Stride-1 depthwise conv (odd kernel, padding k//2) on channels-last tensors."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        kernel = tuple(weight.shape[2:])
-        padding = tuple(k // 2 for k in kernel)
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return _conv(x, weight, bias, padding)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, weight = ctx.saved_tensors
-        kernel = tuple(weight.shape[2:])
-        padding = tuple(k // 2 for k in kernel)
-        grad = grad.contiguous(memory_format=torch.channels_last_3d if grad.ndim == 5 else torch.channels_last)
-        spatial = tuple(range(2, grad.ndim))
-        gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = _conv(grad, weight.flip(spatial), None, padding)
-        if ctx.needs_input_grad[1]:
-            gw = depthwise_weight_grad(x, grad, kernel)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = grad.sum(dim=(0, *spatial))
-        return gx, gw, gb
-
-
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype autocast runs convolutions in on this device, or None when it is off."""
     if device_type not in ("cpu", "cuda"):  # e.g. the meta device of the MAC and memory estimates
@@ -143,7 +115,7 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
 def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Stride-1 depthwise conv with padding k//2 (odd kernels), fast backward. Under autocast it
     runs in autocast's dtype, like PyTorch's convolutions (the backward then sees one dtype)."""
-    return _DepthwiseConv.apply(*_autocast_args(x, weight, bias))
+    return _DepthwiseConv.apply(*_autocast_args(x, weight, bias), (1,) * (x.ndim - 2), False)
 
 
 def _channels_last(t: torch.Tensor) -> torch.Tensor:
@@ -158,68 +130,52 @@ def _zero_inserted(t: torch.Tensor, stride: tuple[int, ...], size: tuple[int, ..
     return up
 
 
-class _DepthwiseConvStrided(torch.autograd.Function):
-    """Strided depthwise conv (odd kernel, padding k//2) on channels-last tensors: PyTorch's
-    strided forward; backward: the input gradient is the stride-1 conv, flipped kernel, of the
-    zero-inserted output gradient; the weight gradient takes only the products that exist."""
+def _strided_conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, stride, padding) -> torch.Tensor:
+    conv = F.conv3d if x.ndim == 5 else F.conv2d
+    return conv(x, w, b, stride=stride, padding=padding, groups=x.shape[1])
+
+
+class _DepthwiseConv(torch.autograd.Function):
+    """Depthwise conv (odd kernel, padding k//2) on channels-last tensors, stride-1, strided or
+    transposed (output (N-1)*s+1 per axis); it stores its input and weight only.
+
+    Forward: PyTorch's (strided) conv; the transposed conv is the stride-1 conv, flipped kernel,
+    of the zero-inserted input. Backward: the input gradient of the (strided) conv is the stride-1
+    conv, flipped kernel, of the (zero-inserted) output gradient, and that of the transposed conv
+    the strided conv of the output gradient with the kernel itself; the weight gradient takes only
+    the products that exist (:func:`depthwise_weight_grad`), none with inserted zeros."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, stride):
+    def forward(ctx, x, weight, bias, stride, transposed):
         ctx.save_for_backward(x, weight)
-        ctx.stride, ctx.has_bias = stride, bias is not None
+        ctx.stride, ctx.transposed, ctx.has_bias = stride, transposed, bias is not None
         padding = tuple(k // 2 for k in weight.shape[2:])
-        conv = F.conv3d if x.ndim == 5 else F.conv2d
-        return conv(x, weight, bias, stride=stride, padding=padding, groups=x.shape[1])
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        kernel = tuple(weight.shape[2:])
-        padding = tuple(k // 2 for k in kernel)
-        grad = _channels_last(grad)
-        spatial = tuple(range(2, grad.ndim))
-        gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = _conv(_zero_inserted(grad, ctx.stride, tuple(x.shape[2:])), weight.flip(spatial), None, padding)
-        if ctx.needs_input_grad[1]:
-            gw = depthwise_weight_grad(x, grad, kernel, ctx.stride, "conv")
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = grad.sum(dim=(0, *spatial))
-        return gx, gw, gb, None
-
-
-class _DepthwiseConvTranspose(torch.autograd.Function):
-    """Depthwise transposed conv (odd kernel, padding k//2, output (N-1)*s+1 per axis) on
-    channels-last tensors: the stride-1 conv, flipped kernel, of the zero-inserted input; it stores
-    the input, not the zero-inserted copy. Backward: the input gradient is the strided conv of the
-    output gradient with the kernel itself; the weight gradient takes only the products with input
-    voxels, not with the inserted zeros."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, stride):
-        ctx.save_for_backward(x, weight)
-        ctx.stride, ctx.has_bias = stride, bias is not None
-        kernel = tuple(weight.shape[2:])
+        if not transposed:
+            return _strided_conv(x, weight, bias, stride, padding)
         size = tuple((v - 1) * s + 1 for v, s in zip(x.shape[2:], stride))
-        flipped = weight.flip(tuple(range(2, weight.ndim)))
-        return _conv(_zero_inserted(x, stride, size), flipped, bias, tuple(k // 2 for k in kernel))
+        return _conv(_zero_inserted(x, stride, size), weight.flip(tuple(range(2, weight.ndim))), bias, padding)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         kernel = tuple(weight.shape[2:])
         padding = tuple(k // 2 for k in kernel)
+        stride = ctx.stride
         grad = _channels_last(grad)
         spatial = tuple(range(2, grad.ndim))
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            conv = F.conv3d if grad.ndim == 5 else F.conv2d
-            gx = conv(grad, weight, None, stride=ctx.stride, padding=padding, groups=grad.shape[1])
+            if ctx.transposed:
+                gx = _strided_conv(grad, weight, None, stride, padding)
+            else:
+                strided = any(s > 1 for s in stride)
+                g = _zero_inserted(grad, stride, tuple(x.shape[2:])) if strided else grad
+                gx = _conv(g, weight.flip(spatial), None, padding)
         if ctx.needs_input_grad[1]:
-            gw = depthwise_weight_grad(x, grad, kernel, ctx.stride, "transpose")
+            gw = depthwise_weight_grad(x, grad, kernel, stride, "transpose" if ctx.transposed else "conv")
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = grad.sum(dim=(0, *spatial))
-        return gx, gw, gb, None
+        return gx, gw, gb, None, None
 
 
 def _autocast_args(x, weight, bias):
@@ -234,7 +190,7 @@ def depthwise_conv_strided(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: tuple[int, ...]
 ) -> torch.Tensor:
     """Strided depthwise conv with padding k//2 (odd kernels) on channels-last ``x``, fast backward."""
-    return _DepthwiseConvStrided.apply(*_autocast_args(x, weight, bias), tuple(stride))
+    return _DepthwiseConv.apply(*_autocast_args(x, weight, bias), tuple(stride), False)
 
 
 def depthwise_conv_transpose(
@@ -242,7 +198,7 @@ def depthwise_conv_transpose(
 ) -> torch.Tensor:
     """Depthwise transposed conv with padding k//2 (odd kernels; output (N-1)*s+1 per axis) on
     channels-last ``x``, fast backward."""
-    return _DepthwiseConvTranspose.apply(*_autocast_args(x, weight, bias), tuple(stride))
+    return _DepthwiseConv.apply(*_autocast_args(x, weight, bias), tuple(stride), True)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:

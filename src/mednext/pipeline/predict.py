@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from mednext.memory import _glibc, enabled_by_default, reuse_freed_memory  # noqa: F401 (re-exported)
+from mednext.memory import enabled_by_default, reuse_freed_memory
 from mednext.pipeline.body import check_ct_for_body_crop, compose_with_engine_crop, crop_to_body
 from mednext.pipeline.context import context_slices_of, stack_neighbour_slices
 from mednext.pipeline.io import InputCase, collect_input_cases, image_ending
