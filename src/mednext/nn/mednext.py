@@ -273,7 +273,7 @@ class MedNeXtBlock(nn.Module):
             # input; the recomputation stops once the saved tensors exist (non-reentrant early stop), before
             # the compression's own GEMM. No random ops here, so the RNG state need not be kept.
             if y.untyped_storage().nbytes() > y.numel() * y.element_size():
-                y = y.clone()  # a strided view (fast strided conv) would keep its stride-1 source alive
+                y = y.clone()  # a view (of any route's depthwise output) would keep its larger source alive
             return checkpoint(self._expand_compress, y, use_reentrant=False, preserve_rng_state=False)
         return self._expand_compress(y)
 
