@@ -388,6 +388,66 @@ def op_timings():
     dump()
 
 
+@section("norm_ops")
+def norm_ops():
+    """Session-6 candidates, per op under fp16 autocast at L's first two stage shapes: group norm
+    (PyTorch's on NCDHW, ours "manual" on channels-last, the Triton kernels) forward and forward +
+    backward; the depthwise weight gradient with and without the bias gradient fused into it, against
+    the separate sum it replaces."""
+    from mednext.nn import ops
+
+    kernels = ops.triton_ops(torch.empty(1, device=DEV))
+    reps, warm = (5, 2) if DEV == "cuda" else (1, 0)  # the CPU dry run goes through Triton's interpreter
+    res = {}
+    for c, s in SHAPES["s1"]:
+        key = f"2x{c}x{s}^3"
+        base = torch.randn(2, c, s, s, s, device=DEV, dtype=torch.float16 if DEV == "cuda" else torch.float32)
+        w = torch.randn(c, device=DEV, requires_grad=True)
+        b = torch.randn(c, device=DEV, requires_grad=True)
+        forms = {
+            "native ncdhw": (base, lambda x: F.group_norm(x, c, w, b, 1e-5)),
+            "manual cl": (cl(base), lambda x: ops.group_norm_channels_last(x, w, b, 1e-5)),
+        }
+        if kernels is not None:
+            forms["triton cl"] = (cl(base), lambda x: kernels.group_norm(x, w, b, 1e-5))
+        for name, (x0, fn) in forms.items():
+            x = x0.detach().requires_grad_(True)
+            with torch.autocast(DEV, dtype=AMP_DTYPE):
+                with torch.no_grad():
+                    f = timed(lambda: fn(x), repeats=reps, warmup=warm)
+
+                def fwd_bwd():
+                    y = fn(x)
+                    torch.autograd.grad(y, (x, w, b), torch.ones_like(y))
+
+                fbt = timed(fwd_bwd, repeats=reps, warmup=warm)
+            res[f"{key} groupnorm {name}"] = {"fwd_ms": f, "fwd_bwd_ms": fbt}
+            log(f"{key} groupnorm {name}: fwd {f:.2f} ms, fwd+bwd {fbt:.2f} ms")
+        if kernels is None:
+            continue
+        x = cl(base)
+        g = torch.randn_like(x)
+        with torch.no_grad():
+            plain = timed(lambda: kernels.weight_grad(x, g, (5, 5, 5), (1, 1, 1), (2, 2, 2)), reps, warm)
+            fused = timed(
+                lambda: kernels.weight_grad(x, g, (5, 5, 5), (1, 1, 1), (2, 2, 2), bias_grad=True), reps, warm
+            )
+            bsum = timed(lambda: kernels._bias_grad(g, w), reps, warm)
+            gw, gb = kernels.weight_grad(x, g, (5, 5, 5), (1, 1, 1), (2, 2, 2), bias_grad=True)
+            err = ((gb - kernels._bias_grad(g, w)).abs().max() / g.float().sum((0, 2, 3, 4)).abs().max()).item()
+        res[f"{key} k5 weight grad"] = {
+            "alone_ms": plain,
+            "with_bias_ms": fused,
+            "bias_sum_ms": bsum,
+            "bias_rel_err": err,
+        }
+        log(
+            f"{key} k5 weight grad {plain:.2f} ms, with bias {fused:.2f} ms, separate bias sum {bsum:.2f} ms (err {err:.1e})"
+        )
+    RESULTS["norm_ops"] = res
+    dump()
+
+
 def amp_step(model, x, target, opt, scaler, cache_enabled: bool = True):
     """One training step; ``cache_enabled=False`` for a graphed network (graph capture needs autocast's
     cast cache off)."""
@@ -547,6 +607,8 @@ def main(argv=None):
             route_check(args.preset, args.kernel, 64)
         elif name == "ops":
             op_timings()
+        elif name == "norm_ops":
+            norm_ops()
         elif name == "steps":
             steps(args.preset, args.kernel, args.size, args.batch, args.variants)
         elif name.startswith("profile"):  # profile or profile:VARIANT

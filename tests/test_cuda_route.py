@@ -22,6 +22,7 @@ from mednext.nn import ops
 ROUTES = [
     {"depthwise": "native", "up": "polyphase", "down": "native", "norm": "manual"},
     {"depthwise": "native", "up": "native", "down": "polyphase", "norm": "native"},
+    {"depthwise": "native", "up": "polyphase", "down": "native", "norm": "triton"},  # no Triton: manual
 ]
 
 
@@ -133,40 +134,122 @@ TRITON_CHECK = textwrap.dedent(
             for u, v in zip((a, *ga), (r, *gr)):
                 assert u.shape == v.shape, (u.shape, v.shape)
                 worst = max(worst, ((u.double() - v).norm() / v.norm()).item())
+    for shape in ((2, 5, 7, 9, 40), (3, 70, 33, 17)):  # group norm: > 1 channel block, > 1 voxel chunk
+        fmt = torch.channels_last_3d if len(shape) == 5 else torch.channels_last
+        x = (3 + 2 * torch.randn(*shape, device=dev)).contiguous(memory_format=fmt).requires_grad_(True)
+        w = torch.randn(shape[1], device=dev, requires_grad=True)
+        b = torch.randn(shape[1], device=dev, requires_grad=True)
+        a = T.group_norm(x, w, b, 1e-5)
+        assert a.dtype == x.dtype and a.is_contiguous(memory_format=fmt)
+        r = F.group_norm(x.double(), shape[1], w.double(), b.double(), 1e-5)
+        g = torch.randn_like(r)
+        ga = torch.autograd.grad(a, (x, w, b), g.float())
+        gr = torch.autograd.grad(r, (x, w, b), g)
+        for u, v in zip((a, *ga), (r, *gr)):
+            worst = max(worst, ((u.double() - v).norm() / v.norm()).item())
     print(worst)
     """
 )
 
+NETWORK_CHECK = textwrap.dedent(
+    """
+    import torch
+    from mednext import MedNeXt
+    from mednext.nn import ops
+    torch.manual_seed(0)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = MedNeXt(2, 3, width=4, spatial_dims=2, strides=[2, 2], kernel_sizes=[3, 5, 3, 5, 3], deep_supervision=True)
+    model = model.to(dev).train()
+    for p in model.parameters():
+        p.data.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(2, 2, 12, 12, device=dev)
+    ops.CUDA_ROUTE.update(layout="channels_last", depthwise="triton", norm="triton")
+    res = {}
+    for fast in (False, True):
+        ops.FORCE_CUDA_ROUTE = fast
+        model.set_fast_path(fast)
+        model.zero_grad(set_to_none=True)
+        outs = model(x)
+        sum((o.square().mean() + o.mean()) * (i + 1) for i, o in enumerate(outs)).backward()
+        res[fast] = ([o.detach() for o in outs], [p.grad.clone() for p in model.parameters()])
+    assert ops.CUDA_ROUTE["depthwise"] == "triton" and ops.CUDA_ROUTE["norm"] == "triton"  # no fallback
+    out = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(res[True][0], res[False][0]))
+    scale = max(g.abs().max().item() for g in res[False][1])
+    grad = max((a - b).abs().max().item() / scale for a, b in zip(res[True][1], res[False][1]))
+    print(out, grad)
+    """
+)
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (CPU builds of torch)")
-def test_triton_kernels_under_interpreter():
+
+def _run_triton(script: str) -> list[float]:
     env = dict(os.environ)
     if not torch.cuda.is_available():  # the real kernels where a GPU is present
         env["TRITON_INTERPRET"] = "1"
-    proc = subprocess.run([sys.executable, "-c", TRITON_CHECK], capture_output=True, text=True, env=env, timeout=1200)
+    env.pop("MEDNEXT_CUDA_ROUTE", None)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert float(proc.stdout.strip().splitlines()[-1]) < 1e-5  # float32 accumulation against float64
+    return [float(v) for v in proc.stdout.strip().splitlines()[-1].split()]
 
 
-def test_unusable_triton_falls_back_to_pytorch_with_a_warning(monkeypatch):
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (CPU builds of torch)")
+def test_triton_kernels_under_interpreter():
+    (worst,) = _run_triton(TRITON_CHECK)
+    assert worst < 1e-5  # float32 accumulation against float64
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (CPU builds of torch)")
+def test_triton_route_network_equals_plain_path():
+    # Depthwise convs and group norms through the Triton kernels, the whole network in float32
+    # (with deep supervision, both resampling blocks, k3 and k5) against the plain path.
+    out, grad = _run_triton(NETWORK_CHECK)
+    assert out < 1e-5 and grad < 1e-5
+
+
+@pytest.mark.parametrize("part", ["depthwise", "norm"])
+def test_unusable_triton_falls_back_to_pytorch_with_a_warning(monkeypatch, part):
     # Triton can be installed yet fail at its first compile (no C compiler, unsupported GPU):
-    # the network must warn once and go on with PyTorch's convolutions, same numbers.
-    class Broken:
+    # the network must warn once and go on with PyTorch's kernels for that part only, same numbers.
+    def fail(*args):
+        raise RuntimeError("Failed to find C compiler")
+
+    def conv(x, w, b, stride):  # working stand-ins, channels-last out like cuDNN's
+        y = F.conv3d(x, w, b, stride, [k // 2 for k in w.shape[2:]], groups=x.shape[1])
+        return y.contiguous(memory_format=torch.channels_last_3d)
+
+    def conv_transpose(x, w, b, stride):
+        y = F.conv_transpose3d(x, w, b, stride, [k // 2 for k in w.shape[2:]], groups=x.shape[1])
+        return y.contiguous(memory_format=torch.channels_last_3d)
+
+    class Kernels:
         MAX_LAST_TAPS = 7
-
-        def depthwise_conv(self, *args):
-            raise RuntimeError("Failed to find C compiler")
-
-        depthwise_conv_transpose = depthwise_conv
+        depthwise_conv = staticmethod(fail if part == "depthwise" else conv)
+        depthwise_conv_transpose = staticmethod(fail if part == "depthwise" else conv_transpose)
+        group_norm = staticmethod(fail)
 
     monkeypatch.setattr(ops, "FORCE_CUDA_ROUTE", True)
     monkeypatch.setitem(ops.CUDA_ROUTE, "depthwise", "triton")
-    monkeypatch.setattr(ops, "triton_ops", lambda x: Broken())
+    monkeypatch.setitem(ops.CUDA_ROUTE, "norm", "manual" if part == "depthwise" else "triton")
+    monkeypatch.setattr(ops, "triton_ops", lambda x: Kernels())
     torch.manual_seed(0)
     model = MedNeXt(in_channels=2, num_classes=3, width=8, kernel_sizes=3, spatial_dims=3).double().eval()
     x = torch.randn(1, 2, 32, 16, 16, dtype=torch.float64)
-    with pytest.warns(RuntimeWarning, match="Failed to find C compiler"):
+    what = "depthwise kernels" if part == "depthwise" else "group norm kernels"
+    with pytest.warns(RuntimeWarning, match=f"Triton {what} failed .*Failed to find C compiler"):
         out = model(x)
-    assert ops.CUDA_ROUTE["depthwise"] == "native"
+    assert ops.CUDA_ROUTE["norm"] == "manual"
+    assert ops.CUDA_ROUTE["depthwise"] == ("native" if part == "depthwise" else "triton")  # the other part stays
     model.set_fast_path(False)
     torch.testing.assert_close(out, model(x), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (CPU builds of torch)")
+def test_triton_route_hands_float32_weights_to_the_kernels_under_autocast(monkeypatch):
+    from mednext.nn import triton_ops
+
+    x, w, b = torch.randn(1, 2, 5, 5), torch.randn(2, 1, 3, 3), torch.randn(2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        xa, wa, ba = triton_ops._autocast(x, w, b)
+        assert xa.dtype == torch.bfloat16 and wa is w and ba is b  # no cast launches, float32 gradients
+        monkeypatch.setitem(ops.CUDA_ROUTE, "dw_weights", "autocast")
+        xa, wa, ba = triton_ops._autocast(x, w, b)
+        assert (xa.dtype, wa.dtype, ba.dtype) == (torch.bfloat16,) * 3  # as PyTorch's convolutions see them

@@ -239,7 +239,15 @@ class MedNeXtBlock(nn.Module):
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.norm, nn.GroupNorm) and is_channels_last(x):
             if ops.uses_cuda_route(x):
-                if ops.CUDA_ROUTE["norm"] == "manual":
+                kernels = ops.triton_ops(x) if ops.CUDA_ROUTE["norm"] == "triton" else None
+                if kernels is not None:
+                    try:
+                        return kernels.group_norm(x, self.norm.weight, self.norm.bias, self.norm.eps)
+                    except torch.OutOfMemoryError:
+                        raise
+                    except Exception as error:  # noqa: BLE001 (as for the depthwise kernels)
+                        ops.disable_triton(error, "norm")
+                if ops.CUDA_ROUTE["norm"] in ("manual", "triton"):
                     return ops.group_norm_channels_last(x, self.norm.weight, self.norm.bias, self.norm.eps)
                 return channels_last(self.norm(x))
             return ops.channel_group_norm(x, self.norm.weight, self.norm.bias, self.norm.eps)

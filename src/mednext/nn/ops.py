@@ -384,8 +384,20 @@ def depthwise_conv_strided_polyphase(
 # CUDA builds of PyTorch): on an H200, L k5 128^3 fp16 training took 426 ms against 1035 ms for
 # MONAI's MedNeXt. Without Triton the default is the plain path, because the channels-last route
 # with PyTorch's own depthwise kernels measured no faster (training 1011 vs 1033 ms, inference 303
-# vs 220 ms). MEDNEXT_CUDA_ROUTE=plain|channels_last|triton overrides the choice.
-CUDA_ROUTE = {"layout": "plain", "depthwise": "native", "up": "polyphase", "down": "native", "norm": "manual"}
+# vs 220 ms). MEDNEXT_CUDA_ROUTE=plain|channels_last|triton overrides the choice. "norm" on the
+# channels-last route: "manual" (group_norm_channels_last below), "native" (PyTorch's, copied back to
+# channels-last) or "triton" (triton_ops.group_norm: exact two-pass statistics, output in autocast's
+# dtype, stores only its input; not timed on a GPU yet, so not the default).
+# "dw_weights": "float32" hands the Triton depthwise kernels the float32 weights under autocast
+# (no cast launches; see triton_ops._autocast), "autocast" casts them as PyTorch's convolutions do.
+CUDA_ROUTE = {
+    "layout": "plain",
+    "depthwise": "native",
+    "up": "polyphase",
+    "down": "native",
+    "norm": "manual",
+    "dw_weights": "float32",
+}
 _ROUTE_ENV = os.environ.get(
     "MEDNEXT_CUDA_ROUTE", "triton" if importlib.util.find_spec("triton") is not None else "plain"
 )
@@ -411,14 +423,16 @@ def triton_ops(x: torch.Tensor):
     return _TRITON[0]
 
 
-def disable_triton(error: BaseException) -> None:
-    """Fall back from the Triton kernels to PyTorch's depthwise convolutions for the rest of the
-    process, with a warning that names the cause (a first kernel compile failing, say because
-    Triton finds no C compiler or the GPU is too old for it)."""
-    CUDA_ROUTE["depthwise"] = "native"
+def disable_triton(error: BaseException, part: str = "depthwise") -> None:
+    """Fall back from a Triton kernel (``part``: "depthwise" convolutions or group "norm") to
+    PyTorch's for the rest of the process, with a warning that names the cause (a first kernel
+    compile failing, say because Triton finds no C compiler or the GPU is too old for it)."""
+    CUDA_ROUTE[part] = "native" if part == "depthwise" else "manual"
+    what = "depthwise kernels" if part == "depthwise" else "group norm kernels"
+    instead = "convolutions, which are slower on CUDA" if part == "depthwise" else "group norm"
     warnings.warn(
-        f"mednext: the Triton depthwise kernels failed ({type(error).__name__}: {str(error)[:300]}); "
-        "falling back to PyTorch's convolutions, which are slower on CUDA. "
+        f"mednext: the Triton {what} failed ({type(error).__name__}: {str(error)[:300]}); "
+        f"falling back to PyTorch's {instead}. "
         "Set MEDNEXT_CUDA_ROUTE=plain to skip Triton, or install a C compiler for Triton to use them.",
         RuntimeWarning,
         stacklevel=3,

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mednext.nn.ops import _autocast_dtype, _sub_kernel, _transposed_phase
+from mednext.nn.ops import CUDA_ROUTE, _autocast_dtype, _sub_kernel, _transposed_phase
 
 
 @triton.jit
@@ -93,16 +93,17 @@ def _wstore(part_row, acc, c, cmask, kw: tl.constexpr, C):
 
 @triton.jit
 def _dw_wgrad(
-    x_ptr, g_ptr, part_ptr,
+    x_ptr, g_ptr, part_ptr, bpart_ptr,
     C, ID, IH, IW, OD, OH, OW, ROWS, ROWS_PER_PROG,
     sxn, sxc, sxd, sxh, sxw,
     sgn, sgc, sgd, sgh, sgw,
     PD, PH, PW, KD, KH, SD, SH, SW,
-    KW: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+    KW: tl.constexpr, BIAS_GRAD: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     # One program: tap (kd, kh), one channel block, a chunk of output rows. The KW taps along the
     # last axis share every load of g, each with its own float32 accumulator (KW <= 7), reduced
-    # over voxels once at the end.
+    # over voxels once at the end. BIAS_GRAD: the programs of the centre tap (kd, kh) = (PD, PH),
+    # which visit every row of g when the padding is k // 2, also sum g: the bias gradient.
     tap = tl.program_id(0)
     kd = tap // KH
     kh = tap % KH
@@ -116,6 +117,7 @@ def _dw_wgrad(
     acc4 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
     acc5 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
     acc6 = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+    accb = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
     r_start = chunk.to(tl.int64) * ROWS_PER_PROG
     for i in range(0, ROWS_PER_PROG):
         row = r_start + i
@@ -131,6 +133,8 @@ def _dw_wgrad(
                 ow = w0 + tl.arange(0, BLOCK_W)
                 om = ow < OW
                 gv = tl.load(g_row + ow[:, None] * sgw, mask=om[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+                if BIAS_GRAD:
+                    accb += gv
                 acc0 = _wtap(acc0, x_row, gv, ow, om, cmask, 0, SW, PW, IW, sxw)
                 if KW > 1:
                     acc1 = _wtap(acc1, x_row, gv, ow, om, cmask, 1, SW, PW, IW, sxw)
@@ -158,6 +162,79 @@ def _dw_wgrad(
         _wstore(part_row, acc5, c, cmask, 5, C)
     if KW > 6:
         _wstore(part_row, acc6, c, cmask, 6, C)
+    if BIAS_GRAD:
+        centre = (kd == PD) & (kh == PH)
+        tl.store(bpart_ptr + chunk * C + c, tl.sum(accb, axis=0), mask=cmask & centre)
+
+
+@triton.jit
+def _gn_reduce(
+    x_ptr, g_ptr, mean_ptr, rstd_ptr, part_ptr,
+    S, C, CHUNK, CHUNKS, sxn, sxs, sgn, sgs,
+    MODE: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    # Per-channel sums over one chunk of voxels of one sample, on an (N, S, C) view whose channel
+    # axis is contiguous. MODE 0: sum x. MODE 1: sum (x - mean) and sum (x - mean)^2 (the second
+    # pass of a two-pass variance). MODE 2 (backward): sum g and sum g * (x - mean) * rstd.
+    # Writes part[n, chunk, 0 or 1, c]; the caller adds the chunks.
+    pid = tl.program_id(0)
+    n = pid // CHUNKS
+    chunk = pid % CHUNKS
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    acc1 = tl.zeros((BLOCK_V, BLOCK_C), dtype=ACC)
+    acc2 = tl.zeros((BLOCK_V, BLOCK_C), dtype=ACC)
+    if MODE != 0:
+        mean = tl.load(mean_ptr + n * C + c, mask=cmask, other=0.0)[None, :]
+    if MODE == 2:
+        rstd = tl.load(rstd_ptr + n * C + c, mask=cmask, other=0.0)[None, :]
+    x_base = x_ptr + n.to(tl.int64) * sxn + c[None, :]
+    g_base = g_ptr + n.to(tl.int64) * sgn + c[None, :]
+    start = chunk * CHUNK
+    for v0 in range(start, start + CHUNK, BLOCK_V):
+        v = v0 + tl.arange(0, BLOCK_V)
+        m = (v < S)[:, None] & cmask[None, :]
+        xv = tl.load(x_base + v[:, None].to(tl.int64) * sxs, mask=m, other=0.0).to(ACC)
+        if MODE == 0:
+            acc1 += xv
+        elif MODE == 1:
+            d = tl.where(m, xv - mean, 0.0)
+            acc1 += d
+            acc2 += d * d
+        else:
+            gv = tl.load(g_base + v[:, None].to(tl.int64) * sgs, mask=m, other=0.0).to(ACC)
+            acc1 += gv
+            acc2 += gv * ((xv - mean) * rstd)
+    out = part_ptr + (pid * 2) * C + c
+    tl.store(out, tl.sum(acc1, axis=0), mask=cmask)
+    if MODE != 0:
+        tl.store(out + C, tl.sum(acc2, axis=0), mask=cmask)
+
+
+@triton.jit
+def _gn_apply(
+    x_ptr, g_ptr, a_ptr, b_ptr, d_ptr, y_ptr,
+    S, C, VB, sxn, sxs, sgn, sgs, syn, sys,
+    HAS_G: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    # y = b[n, c] * x + d[n, c] (+ a[n, c] * g): the group norm's output (scale, shift) and its
+    # input gradient (a, b, d from the backward's sums), in ACC and stored in y's dtype.
+    pid = tl.program_id(0)
+    n = pid // VB
+    v = (pid % VB) * BLOCK_V + tl.arange(0, BLOCK_V)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    m = (v < S)[:, None] & cmask[None, :]
+    nl, vl = n.to(tl.int64), v[:, None].to(tl.int64)
+    coef = n * C + c
+    xv = tl.load(x_ptr + nl * sxn + vl * sxs + c[None, :], mask=m, other=0.0).to(ACC)
+    bv = tl.load(b_ptr + coef, mask=cmask, other=0.0).to(ACC)[None, :]
+    dv = tl.load(d_ptr + coef, mask=cmask, other=0.0).to(ACC)[None, :]
+    y = xv * bv + dv
+    if HAS_G:
+        gv = tl.load(g_ptr + nl * sgn + vl * sgs + c[None, :], mask=m, other=0.0).to(ACC)
+        y += gv * tl.load(a_ptr + coef, mask=cmask, other=0.0).to(ACC)[None, :]
+    tl.store(y_ptr + nl * syn + vl * sys + c[None, :], y.to(y_ptr.dtype.element_ty), mask=m)
 
 
 MAX_LAST_TAPS = 7  # _dw_wgrad keeps one accumulator per tap along the last axis
@@ -223,9 +300,16 @@ def conv_forward(
 
 
 def weight_grad(
-    x: torch.Tensor, grad: torch.Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], padding: tuple[int, ...]
-) -> torch.Tensor:
-    """``gw[c, k] = sum_o grad[o] * x[s*o + k - p]`` in float32, shape (C, 1, *kernel)."""
+    x: torch.Tensor,
+    grad: torch.Tensor,
+    kernel: tuple[int, ...],
+    stride: tuple[int, ...],
+    padding: tuple[int, ...],
+    bias_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``gw[c, k] = sum_o grad[o] * x[s*o + k - p]`` in float32, shape (C, 1, *kernel); with
+    ``bias_grad`` (padding k // 2 on the first two axes) also ``sum_o grad[o]`` per channel, from the
+    same loads of ``grad``; else None."""
     x5, g5 = _five(x), _five(grad)
     kern = (1,) * (5 - x.ndim) + tuple(kernel)
     st = (1,) * (5 - x.ndim) + tuple(stride)
@@ -244,14 +328,17 @@ def weight_grad(
     per_prog = triton.cdiv(rows, chunks)
     chunks = triton.cdiv(rows, per_prog)
     part = torch.empty((chunks, taps, kern[2], c), device=x.device, dtype=torch.float32)
+    bpart = torch.empty((chunks, c), device=x.device, dtype=torch.float32) if bias_grad else part
+    if bias_grad and (pad[0], pad[1]) != (kern[0] // 2, kern[1] // 2):
+        raise ValueError("the fused bias gradient needs padding k // 2 (the centre tap sees every row)")
     _dw_wgrad[(taps, cblocks, chunks)](
-        x5, g5, part,
+        x5, g5, part, bpart,
         c, i_d, i_h, i_w, o_d, o_h, o_w, rows, per_prog,
         *x5.stride(), *g5.stride(), *pad, kern[0], kern[1], *st,
-        KW=kern[2], BLOCK_W=block_w, BLOCK_C=block_c,
+        KW=kern[2], BIAS_GRAD=bias_grad, BLOCK_W=block_w, BLOCK_C=block_c,
     )  # fmt: skip
     gw = part.sum(dim=0)  # (KD*KH, KW, C)
-    return gw.permute(2, 0, 1).reshape(c, 1, *kernel)
+    return gw.permute(2, 0, 1).reshape(c, 1, *kernel), bpart.sum(dim=0) if bias_grad else None
 
 
 def _channels_last_empty(like: torch.Tensor, size: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -283,8 +370,117 @@ def transposed(
     return out
 
 
+GN_PROGRAMS_PER_SM = 8  # reduction programs per multiprocessor (chunks of voxels x channel blocks)
+
+
+def _gn_view(t: torch.Tensor) -> torch.Tensor:
+    """(N, C, *spatial) with a contiguous channel axis as an (N, S, C) view."""
+    v = t.movedim(1, -1)
+    if v.stride(-1) != 1:
+        raise ValueError("the Triton group norm needs a channels-last tensor (channel stride 1)")
+    return v.reshape(t.shape[0], -1, t.shape[1])
+
+
+def _gn_tiles(c: int) -> tuple[int, int]:
+    block_c = 32 if c <= 32 else 64
+    return 2048 // block_c, block_c
+
+
+def _gn_sums(x3: torch.Tensor, g3, mean, rstd, mode: int, acc: torch.dtype) -> torch.Tensor:
+    """Per-sample, per-channel sums of ``_gn_reduce`` (mode 0, 1 or 2), shape (N, 2, C) in ``acc``."""
+    n, s, c = x3.shape
+    block_v, block_c = _gn_tiles(c)
+    cblocks = triton.cdiv(c, block_c)
+    sms = torch.cuda.get_device_properties(x3.device).multi_processor_count if x3.is_cuda else 2
+    chunks = max(1, min(triton.cdiv(s, block_v), triton.cdiv(GN_PROGRAMS_PER_SM * sms, n * cblocks)))
+    chunk = triton.cdiv(triton.cdiv(s, chunks), block_v) * block_v
+    chunks = triton.cdiv(s, chunk)
+    part = torch.empty((n, chunks, 2, c), device=x3.device, dtype=acc)  # mode 0 fills [:, :, 0] only
+    g3 = x3 if g3 is None else g3
+    dummy = part
+    _gn_reduce[(n * chunks, cblocks)](
+        x3, g3, dummy if mean is None else mean, dummy if rstd is None else rstd, part,
+        s, c, chunk, chunks, x3.stride(0), x3.stride(1), g3.stride(0), g3.stride(1),
+        MODE=mode, ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK_V=block_v, BLOCK_C=block_c,
+    )  # fmt: skip
+    return part.sum(dim=1)
+
+
+def _gn_affine(x3: torch.Tensor, g3, a, b, d, out3: torch.Tensor) -> None:
+    n, s, c = x3.shape
+    block_v, block_c = _gn_tiles(c)
+    vb = triton.cdiv(s, block_v)
+    g3 = x3 if g3 is None else g3
+    _gn_apply[(n * vb, triton.cdiv(c, block_c))](
+        x3, g3, b if a is None else a, b, d, out3,
+        s, c, vb, x3.stride(0), x3.stride(1), g3.stride(0), g3.stride(1), out3.stride(0), out3.stride(1),
+        HAS_G=a is not None, ACC=tl.float64 if d.dtype == torch.float64 else tl.float32,
+        BLOCK_V=block_v, BLOCK_C=block_c,
+    )  # fmt: skip
+
+
+class _GroupNorm(torch.autograd.Function):
+    """GroupNorm with one group per channel on a channels-last tensor: two read passes for exact
+    two-pass statistics, one pass for the output; backward one pass for its sums and one for the
+    input gradient. Stores only the input and the per-sample statistics."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, out_dtype):
+        n, c = x.shape[:2]
+        x3 = _gn_view(x)
+        s = x3.shape[1]
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        mean = _gn_sums(x3, None, None, None, 0, acc)[:, 0] / s
+        mean = mean.contiguous()
+        sums = _gn_sums(x3, None, mean, None, 1, acc)
+        var = (sums[:, 1] - sums[:, 0].square() / s).clamp_min(0) / s  # corrected two-pass variance
+        rstd = (var + eps).rsqrt().contiguous()
+        scale = rstd * weight.to(acc)
+        shift = bias.to(acc) - mean * scale
+        out = _channels_last_empty(x, tuple(x.shape), out_dtype)
+        _gn_affine(x3, None, None, scale.contiguous(), shift.contiguous(), _gn_view(out))
+        ctx.save_for_backward(x, weight, mean, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, mean, rstd = ctx.saved_tensors
+        x3, g3 = _gn_view(x), _gn_view(grad.contiguous(memory_format=_channels_last_format(grad)))
+        s = x3.shape[1]
+        sums = _gn_sums(x3, g3, mean, rstd, 2, mean.dtype)  # sum g, sum g * xhat per (n, c)
+        gw = sums[:, 1].sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        gb = sums[:, 0].sum(0).to(weight.dtype) if ctx.needs_input_grad[2] else None
+        gx = None
+        if ctx.needs_input_grad[0]:
+            a = rstd * weight.to(rstd.dtype)
+            b = -a * rstd * sums[:, 1] / s
+            d = -a * sums[:, 0] / s - b * mean
+            gx = _channels_last_empty(x, tuple(x.shape), x.dtype)
+            _gn_affine(x3, g3, a.contiguous(), b.contiguous(), d.contiguous(), _gn_view(gx))
+        return gx, gw, gb, None, None
+
+
+def _channels_last_format(t: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last_3d if t.ndim == 5 else torch.channels_last
+
+
+def group_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """GroupNorm with one group per channel (MedNeXt's norm) of a channels-last tensor, statistics in
+    float32 (float64 for float64 input). Under autocast the output is in autocast's dtype, which is
+    what the next 1x1 convolution casts PyTorch's float32 group norm output to."""
+    out_dtype = _autocast_dtype(x.device.type) or x.dtype
+    return _GroupNorm.apply(x, weight, bias, float(eps), out_dtype)
+
+
 def _autocast(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """Under autocast the activations run in autocast's dtype, as with PyTorch's convolutions. With
+    ``CUDA_ROUTE["dw_weights"] == "float32"`` the float32 weights and bias go to the kernels as they
+    are (the kernels read them as float32 anyway): no cast launch each way per conv, and the weight
+    and bias gradients come back in float32. "autocast" rounds them to autocast's dtype first, as
+    PyTorch's convolutions see them."""
     dtype = _autocast_dtype(x.device.type) or x.dtype
+    if CUDA_ROUTE.get("dw_weights") == "float32" and weight.dtype in (torch.float32, dtype):
+        return x.to(dtype), weight, bias
     return x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
@@ -314,9 +510,11 @@ class _DepthwiseConv(torch.autograd.Function):
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
             gx = transposed(grad, weight, None, ctx.stride, tuple(x.shape[2:]))
-        if ctx.needs_input_grad[1]:
-            gw = weight_grad(x, grad, kernel, ctx.stride, padding).to(weight.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        want_gb = ctx.has_bias and ctx.needs_input_grad[2]
+        if ctx.needs_input_grad[1]:  # the bias gradient from the same pass over grad
+            gw, gb = weight_grad(x, grad, kernel, ctx.stride, padding, bias_grad=want_gb)
+            gw, gb = gw.to(weight.dtype), None if gb is None else gb.to(weight.dtype)
+        elif want_gb:
             gb = _bias_grad(grad, weight)
         return gx, gw, gb, None
 
@@ -341,7 +539,7 @@ class _DepthwiseConvTranspose(torch.autograd.Function):
             gx = _channels_last_empty(x, tuple(x.shape), grad.dtype)
             conv_forward(grad, weight, None, ctx.stride, padding, gx)
         if ctx.needs_input_grad[1]:  # the strided conv's weight gradient with x and grad swapped
-            gw = weight_grad(grad, x, kernel, ctx.stride, padding).to(weight.dtype)
+            gw = weight_grad(grad, x, kernel, ctx.stride, padding)[0].to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = _bias_grad(grad, weight)
         return gx, gw, gb, None
@@ -361,4 +559,4 @@ def depthwise_conv_transpose(
     return _DepthwiseConvTranspose.apply(*_autocast(x, weight, bias), tuple(stride))
 
 
-__all__ = ["conv_forward", "depthwise_conv", "depthwise_conv_transpose", "transposed", "weight_grad"]
+__all__ = ["conv_forward", "depthwise_conv", "depthwise_conv_transpose", "group_norm", "transposed", "weight_grad"]
