@@ -168,15 +168,29 @@ def _dw_wgrad(
 
 
 @triton.jit
+def _gn_chunk_sum(
+    part_ptr, n, c, cmask, slot, CHUNKS, C, ACC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr
+):
+    # sum over chunks of part[n, chunk, slot, c] (part laid out (N, CHUNKS, 2, C))
+    tot = tl.zeros((BLOCK_K, BLOCK_C), dtype=ACC)
+    for k0 in range(0, CHUNKS, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        m = (k < CHUNKS)[:, None] & cmask[None, :]
+        tot += tl.load(part_ptr + ((n * CHUNKS + k[:, None]) * 2 + slot) * C + c[None, :], mask=m, other=0.0)
+    return tl.sum(tot, axis=0)
+
+
+@triton.jit
 def _gn_reduce(
-    x_ptr, g_ptr, mean_ptr, rstd_ptr, part_ptr,
+    x_ptr, g_ptr, part_in_ptr, stats_ptr, part_ptr,
     S, C, CHUNK, CHUNKS, sxn, sxs, sgn, sgs,
-    MODE: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr,
+    MODE: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    # Per-channel sums over one chunk of voxels of one sample, on an (N, S, C) view whose channel
-    # axis is contiguous. MODE 0: sum x. MODE 1: sum (x - mean) and sum (x - mean)^2 (the second
-    # pass of a two-pass variance). MODE 2 (backward): sum g and sum g * (x - mean) * rstd.
-    # Writes part[n, chunk, 0 or 1, c]; the caller adds the chunks.
+    # Per-channel sums over one chunk of voxels of one sample, on (N, S, C) views whose channel axis
+    # is contiguous; part[n, chunk, 0 or 1, c] gets them, the chunks are added later. MODE 0: sum x.
+    # MODE 1: sum (x - mean) and sum (x - mean)^2 (the second pass of an exact two-pass variance),
+    # the mean from MODE 0's chunks (part_in). MODE 2 (backward): sum g and sum g * (x - mean) * rstd,
+    # mean and rstd from stats (N, 2, C).
     pid = tl.program_id(0)
     n = pid // CHUNKS
     chunk = pid % CHUNKS
@@ -184,10 +198,11 @@ def _gn_reduce(
     cmask = c < C
     acc1 = tl.zeros((BLOCK_V, BLOCK_C), dtype=ACC)
     acc2 = tl.zeros((BLOCK_V, BLOCK_C), dtype=ACC)
-    if MODE != 0:
-        mean = tl.load(mean_ptr + n * C + c, mask=cmask, other=0.0)[None, :]
+    if MODE == 1:
+        mean = (_gn_chunk_sum(part_in_ptr, n, c, cmask, 0, CHUNKS, C, ACC, BLOCK_K, BLOCK_C) / S)[None, :]
     if MODE == 2:
-        rstd = tl.load(rstd_ptr + n * C + c, mask=cmask, other=0.0)[None, :]
+        mean = tl.load(stats_ptr + (n * 2) * C + c, mask=cmask, other=0.0)[None, :]
+        rstd = tl.load(stats_ptr + (n * 2 + 1) * C + c, mask=cmask, other=0.0)[None, :]
     x_base = x_ptr + n.to(tl.int64) * sxn + c[None, :]
     g_base = g_ptr + n.to(tl.int64) * sgn + c[None, :]
     start = chunk * CHUNK
@@ -212,13 +227,66 @@ def _gn_reduce(
 
 
 @triton.jit
+def _gn_forward_stats(
+    part0_ptr, part1_ptr, w_ptr, b_ptr, stats_ptr, coef_ptr, S, C, CHUNKS, eps,
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    # Program (n, channel block): mean and rstd (stats, kept for the backward) and the output's
+    # per-(n, c) scale rstd * w and shift b - mean * scale (coef), from the two passes' chunks.
+    n = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    mean = _gn_chunk_sum(part0_ptr, n, c, cmask, 0, CHUNKS, C, ACC, BLOCK_K, BLOCK_C) / S
+    sd = _gn_chunk_sum(part1_ptr, n, c, cmask, 0, CHUNKS, C, ACC, BLOCK_K, BLOCK_C)
+    sd2 = _gn_chunk_sum(part1_ptr, n, c, cmask, 1, CHUNKS, C, ACC, BLOCK_K, BLOCK_C)
+    var = tl.maximum((sd2 - sd * sd / S) / S, 0.0)  # corrected two-pass variance
+    mean = mean + sd / S
+    rstd = 1.0 / tl.sqrt(var + eps)
+    scale = rstd * tl.load(w_ptr + c, mask=cmask, other=0.0).to(ACC)
+    shift = tl.load(b_ptr + c, mask=cmask, other=0.0).to(ACC) - mean * scale
+    tl.store(stats_ptr + (n * 2) * C + c, mean, mask=cmask)
+    tl.store(stats_ptr + (n * 2 + 1) * C + c, rstd, mask=cmask)
+    tl.store(coef_ptr + (n * 3 + 1) * C + c, scale, mask=cmask)
+    tl.store(coef_ptr + (n * 3 + 2) * C + c, shift, mask=cmask)
+
+
+@triton.jit
+def _gn_backward_stats(
+    part_ptr, w_ptr, stats_ptr, coef_ptr, gw_ptr, gb_ptr, N, S, C, CHUNKS,
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    # Program (channel block): per sample A = sum g, B = sum g * xhat; the input gradient's
+    # coefficients a = rstd * w, b = -a * rstd * B / S, d = -a * A / S - b * mean (coef), and the
+    # weight and bias gradients sum_n B and sum_n A.
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    w = tl.load(w_ptr + c, mask=cmask, other=0.0).to(ACC)
+    gw = tl.zeros((BLOCK_C,), dtype=ACC)
+    gb = tl.zeros((BLOCK_C,), dtype=ACC)
+    for n in range(N):
+        sa = _gn_chunk_sum(part_ptr, n, c, cmask, 0, CHUNKS, C, ACC, BLOCK_K, BLOCK_C)
+        sb = _gn_chunk_sum(part_ptr, n, c, cmask, 1, CHUNKS, C, ACC, BLOCK_K, BLOCK_C)
+        mean = tl.load(stats_ptr + (n * 2) * C + c, mask=cmask, other=0.0)
+        rstd = tl.load(stats_ptr + (n * 2 + 1) * C + c, mask=cmask, other=0.0)
+        a = rstd * w
+        b = -a * rstd * sb / S
+        tl.store(coef_ptr + (n * 3) * C + c, a, mask=cmask)
+        tl.store(coef_ptr + (n * 3 + 1) * C + c, b, mask=cmask)
+        tl.store(coef_ptr + (n * 3 + 2) * C + c, -a * sa / S - b * mean, mask=cmask)
+        gw += sb
+        gb += sa
+    tl.store(gw_ptr + c, gw, mask=cmask)
+    tl.store(gb_ptr + c, gb, mask=cmask)
+
+
+@triton.jit
 def _gn_apply(
-    x_ptr, g_ptr, a_ptr, b_ptr, d_ptr, y_ptr,
+    x_ptr, g_ptr, coef_ptr, y_ptr,
     S, C, VB, sxn, sxs, sgn, sgs, syn, sys,
     HAS_G: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    # y = b[n, c] * x + d[n, c] (+ a[n, c] * g): the group norm's output (scale, shift) and its
-    # input gradient (a, b, d from the backward's sums), in ACC and stored in y's dtype.
+    # y = coef[n, 1, c] * x + coef[n, 2, c] (+ coef[n, 0, c] * g): the group norm's output (scale,
+    # shift) or its input gradient (a, b, d), computed in ACC and stored in y's dtype.
     pid = tl.program_id(0)
     n = pid // VB
     v = (pid % VB) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -226,14 +294,12 @@ def _gn_apply(
     cmask = c < C
     m = (v < S)[:, None] & cmask[None, :]
     nl, vl = n.to(tl.int64), v[:, None].to(tl.int64)
-    coef = n * C + c
+    coef = coef_ptr + (n * 3) * C + c
     xv = tl.load(x_ptr + nl * sxn + vl * sxs + c[None, :], mask=m, other=0.0).to(ACC)
-    bv = tl.load(b_ptr + coef, mask=cmask, other=0.0).to(ACC)[None, :]
-    dv = tl.load(d_ptr + coef, mask=cmask, other=0.0).to(ACC)[None, :]
-    y = xv * bv + dv
+    y = xv * tl.load(coef + C, mask=cmask, other=0.0)[None, :] + tl.load(coef + 2 * C, mask=cmask, other=0.0)[None, :]
     if HAS_G:
         gv = tl.load(g_ptr + nl * sgn + vl * sgs + c[None, :], mask=m, other=0.0).to(ACC)
-        y += gv * tl.load(a_ptr + coef, mask=cmask, other=0.0).to(ACC)[None, :]
+        y += gv * tl.load(coef, mask=cmask, other=0.0)[None, :]
     tl.store(y_ptr + nl * syn + vl * sys + c[None, :], y.to(y_ptr.dtype.element_ty), mask=m)
 
 
@@ -386,43 +452,50 @@ def _gn_tiles(c: int) -> tuple[int, int]:
     return 2048 // block_c, block_c
 
 
-def _gn_sums(x3: torch.Tensor, g3, mean, rstd, mode: int, acc: torch.dtype) -> torch.Tensor:
-    """Per-sample, per-channel sums of ``_gn_reduce`` (mode 0, 1 or 2), shape (N, 2, C) in ``acc``."""
+_GN_BLOCK_K = 16  # chunks summed per step by the statistics kernels
+
+
+def _acc_type(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _gn_reduce_launch(x3, g3, part_in, stats, mode: int, acc: torch.dtype, chunks: int | None = None) -> torch.Tensor:
+    """``_gn_reduce`` over (N, S, C) views; returns its chunks' sums, shape (N, chunks, 2, C)."""
     n, s, c = x3.shape
     block_v, block_c = _gn_tiles(c)
     cblocks = triton.cdiv(c, block_c)
-    sms = torch.cuda.get_device_properties(x3.device).multi_processor_count if x3.is_cuda else 2
-    chunks = max(1, min(triton.cdiv(s, block_v), triton.cdiv(GN_PROGRAMS_PER_SM * sms, n * cblocks)))
+    if chunks is None:
+        sms = torch.cuda.get_device_properties(x3.device).multi_processor_count if x3.is_cuda else 2
+        chunks = max(1, min(triton.cdiv(s, block_v), triton.cdiv(GN_PROGRAMS_PER_SM * sms, n * cblocks)))
     chunk = triton.cdiv(triton.cdiv(s, chunks), block_v) * block_v
     chunks = triton.cdiv(s, chunk)
     part = torch.empty((n, chunks, 2, c), device=x3.device, dtype=acc)  # mode 0 fills [:, :, 0] only
     g3 = x3 if g3 is None else g3
-    dummy = part
     _gn_reduce[(n * chunks, cblocks)](
-        x3, g3, dummy if mean is None else mean, dummy if rstd is None else rstd, part,
+        x3, g3, part if part_in is None else part_in, part if stats is None else stats, part,
         s, c, chunk, chunks, x3.stride(0), x3.stride(1), g3.stride(0), g3.stride(1),
-        MODE=mode, ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK_V=block_v, BLOCK_C=block_c,
+        MODE=mode, ACC=_acc_type(acc), BLOCK_V=block_v, BLOCK_C=block_c, BLOCK_K=_GN_BLOCK_K,
     )  # fmt: skip
-    return part.sum(dim=1)
+    return part
 
 
-def _gn_affine(x3: torch.Tensor, g3, a, b, d, out3: torch.Tensor) -> None:
+def _gn_apply_launch(x3: torch.Tensor, g3, coef: torch.Tensor, out3: torch.Tensor) -> None:
     n, s, c = x3.shape
     block_v, block_c = _gn_tiles(c)
     vb = triton.cdiv(s, block_v)
     g3 = x3 if g3 is None else g3
     _gn_apply[(n * vb, triton.cdiv(c, block_c))](
-        x3, g3, b if a is None else a, b, d, out3,
+        x3, g3, coef, out3,
         s, c, vb, x3.stride(0), x3.stride(1), g3.stride(0), g3.stride(1), out3.stride(0), out3.stride(1),
-        HAS_G=a is not None, ACC=tl.float64 if d.dtype == torch.float64 else tl.float32,
-        BLOCK_V=block_v, BLOCK_C=block_c,
+        HAS_G=g3 is not x3, ACC=_acc_type(coef.dtype), BLOCK_V=block_v, BLOCK_C=block_c,
     )  # fmt: skip
 
 
 class _GroupNorm(torch.autograd.Function):
-    """GroupNorm with one group per channel on a channels-last tensor: two read passes for exact
-    two-pass statistics, one pass for the output; backward one pass for its sums and one for the
-    input gradient. Stores only the input and the per-sample statistics."""
+    """GroupNorm with one group per channel on a channels-last tensor in seven kernel launches:
+    forward two read passes (exact two-pass statistics), a statistics kernel and the output pass;
+    backward one read pass for its sums, a statistics kernel (which also gives the weight and bias
+    gradients) and the input-gradient pass. Stores only the input and the per-sample statistics."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, out_dtype):
@@ -430,34 +503,40 @@ class _GroupNorm(torch.autograd.Function):
         x3 = _gn_view(x)
         s = x3.shape[1]
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        mean = _gn_sums(x3, None, None, None, 0, acc)[:, 0] / s
-        mean = mean.contiguous()
-        sums = _gn_sums(x3, None, mean, None, 1, acc)
-        var = (sums[:, 1] - sums[:, 0].square() / s).clamp_min(0) / s  # corrected two-pass variance
-        rstd = (var + eps).rsqrt().contiguous()
-        scale = rstd * weight.to(acc)
-        shift = bias.to(acc) - mean * scale
+        part0 = _gn_reduce_launch(x3, None, None, None, 0, acc)
+        part1 = _gn_reduce_launch(x3, None, part0, None, 1, acc, chunks=part0.shape[1])
+        stats = torch.empty((n, 2, c), device=x.device, dtype=acc)
+        coef = torch.empty((n, 3, c), device=x.device, dtype=acc)
+        block_c = _gn_tiles(c)[1]
+        _gn_forward_stats[(n, triton.cdiv(c, block_c))](
+            part0, part1, weight, bias, stats, coef, s, c, part0.shape[1], eps,
+            ACC=_acc_type(acc), BLOCK_C=block_c, BLOCK_K=_GN_BLOCK_K,
+        )  # fmt: skip
         out = _channels_last_empty(x, tuple(x.shape), out_dtype)
-        _gn_affine(x3, None, None, scale.contiguous(), shift.contiguous(), _gn_view(out))
-        ctx.save_for_backward(x, weight, mean, rstd)
+        _gn_apply_launch(x3, None, coef, _gn_view(out))
+        ctx.save_for_backward(x, weight, stats)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, mean, rstd = ctx.saved_tensors
+        x, weight, stats = ctx.saved_tensors
+        n, c = x.shape[:2]
         x3, g3 = _gn_view(x), _gn_view(grad.contiguous(memory_format=_channels_last_format(grad)))
         s = x3.shape[1]
-        sums = _gn_sums(x3, g3, mean, rstd, 2, mean.dtype)  # sum g, sum g * xhat per (n, c)
-        gw = sums[:, 1].sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        gb = sums[:, 0].sum(0).to(weight.dtype) if ctx.needs_input_grad[2] else None
+        part = _gn_reduce_launch(x3, g3, None, stats, 2, stats.dtype)
+        coef = torch.empty((n, 3, c), device=x.device, dtype=stats.dtype)
+        gw = torch.empty(c, device=x.device, dtype=stats.dtype)
+        gb = torch.empty(c, device=x.device, dtype=stats.dtype)
+        block_c = _gn_tiles(c)[1]
+        _gn_backward_stats[(triton.cdiv(c, block_c),)](
+            part, weight, stats, coef, gw, gb, n, s, c, part.shape[1],
+            ACC=_acc_type(stats.dtype), BLOCK_C=block_c, BLOCK_K=_GN_BLOCK_K,
+        )  # fmt: skip
         gx = None
         if ctx.needs_input_grad[0]:
-            a = rstd * weight.to(rstd.dtype)
-            b = -a * rstd * sums[:, 1] / s
-            d = -a * sums[:, 0] / s - b * mean
             gx = _channels_last_empty(x, tuple(x.shape), x.dtype)
-            _gn_affine(x3, g3, a.contiguous(), b.contiguous(), d.contiguous(), _gn_view(gx))
-        return gx, gw, gb, None, None
+            _gn_apply_launch(x3, g3, coef, _gn_view(gx))
+        return gx, gw.to(weight.dtype), gb.to(weight.dtype), None, None
 
 
 def _channels_last_format(t: torch.Tensor) -> torch.memory_format:
