@@ -381,8 +381,8 @@ def depthwise_conv_strided_polyphase(
 # "layout": "channels_last" keeps activations channels-last on CUDA (the route below), "plain" runs
 # the plain NCDHW path. "depthwise": "triton" runs MedNeXt's depthwise convolutions through our
 # Triton kernels (mednext.nn.triton_ops), the default where Triton is installed (it ships with
-# CUDA builds of PyTorch): on an H200, L k5 128^3 fp16 training took 426 ms against 1035 ms for
-# MONAI's MedNeXt. Without Triton the default is the plain path, because the channels-last route
+# CUDA builds of PyTorch): on an H200, L k5 128^3 fp16 training took 362.7 ms against 1032.6 ms for
+# MONAI's MedNeXt (session 4). Without Triton the default is the plain path, because the channels-last route
 # with PyTorch's own depthwise kernels measured no faster (training 1011 vs 1033 ms, inference 303
 # vs 220 ms). MEDNEXT_CUDA_ROUTE=plain|channels_last|triton overrides the choice. "norm" on the
 # channels-last route: "manual" (group_norm_channels_last below), "native" (PyTorch's, copied back to

@@ -21,6 +21,7 @@ PyTorch's convolutions (on the CPU through Triton's interpreter when no GPU is p
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
@@ -317,6 +318,12 @@ FWD_ROWS = 2
 WGRAD_PROGRAMS_PER_SM = 16
 
 
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (2 for the CPU interpreter); asked once per device."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+
+
 def _blocks(channels: int) -> tuple[int, int]:
     """Tile (voxels along the last axis, channels): 32 x 32 for MedNeXt's first stage, 16 x 64
     beyond; few distinct tiles keep the number of compiled kernel variants small."""
@@ -388,7 +395,7 @@ def weight_grad(
     block_c = 32 if c <= 32 else 64
     block_w = 512 // block_c  # KW float32 accumulators of block_w x block_c
     taps, cblocks = kern[0] * kern[1], triton.cdiv(c, block_c)
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 2
+    sms = _multiprocessors(x.device)
     target = WGRAD_PROGRAMS_PER_SM * sms
     chunks = max(1, min(rows, triton.cdiv(target, taps * cblocks)))
     per_prog = triton.cdiv(rows, chunks)
@@ -465,7 +472,7 @@ def _gn_reduce_launch(x3, g3, part_in, stats, mode: int, acc: torch.dtype, chunk
     block_v, block_c = _gn_tiles(c)
     cblocks = triton.cdiv(c, block_c)
     if chunks is None:
-        sms = torch.cuda.get_device_properties(x3.device).multi_processor_count if x3.is_cuda else 2
+        sms = _multiprocessors(x3.device)
         chunks = max(1, min(triton.cdiv(s, block_v), triton.cdiv(GN_PROGRAMS_PER_SM * sms, n * cblocks)))
     chunk = triton.cdiv(triton.cdiv(s, chunks), block_v) * block_v
     chunks = triton.cdiv(s, chunk)
