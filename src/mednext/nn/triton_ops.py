@@ -1,4 +1,5 @@
-"""Triton kernels for MedNeXt's depthwise convolutions on CUDA (channels-last activations).
+"""Triton kernels for MedNeXt's depthwise convolutions and group norm on CUDA (channels-last
+activations).
 
 PyTorch's CUDA depthwise 3D convolution (its own kernel for NCDHW, cuDNN for channels-last)
 runs near 1 TFLOP/s: on an H200, one 5x5x5 depthwise conv of 2x32x128^3 in float16 takes 14 ms
@@ -12,11 +13,19 @@ training step (docs/benchmarks.md). Two generic kernels cover every form MedNeXt
   with sub-kernels, the transposed conv and the input gradient of every conv (polyphase form:
   only taps that meet a real voxel are computed, never the zeros of an upsampled grid).
 - ``_dw_wgrad``: ``gw[k] = sum_o g[o] * x[S*o + k - P]``, the weight gradient of the convs (and,
-  with the roles of ``x`` and ``g`` swapped, of the transposed conv), reduced in float32.
+  with the roles of ``x`` and ``g`` swapped, of the transposed conv), reduced in float32; for the
+  stride-1 and strided convs it also sums ``g``, their bias gradient.
 
-Accumulation is float32 for every input dtype; under CUDA autocast the wrappers run in the
-autocast dtype like PyTorch's convolutions. tests/test_cuda_route.py checks every form against
-PyTorch's convolutions (on the CPU through Triton's interpreter when no GPU is present).
+Accumulation is float32 for every input dtype; under CUDA autocast the activations run in the
+autocast dtype like PyTorch's convolutions, the float32 weights are read as they are.
+
+``group_norm`` (one group per channel, opt-in through ``CUDA_ROUTE["norm"] = "triton"``): two
+read passes for exact statistics, one for the output; one pass for the backward's sums and one
+for the input gradient; two small kernels do the per-channel arithmetic in between, so a norm is
+seven launches forward and backward together.
+
+tests/test_cuda_route.py checks every form against PyTorch (on the CPU through Triton's
+interpreter when no GPU is present).
 """
 
 from __future__ import annotations
@@ -318,7 +327,7 @@ FWD_ROWS = 2
 WGRAD_PROGRAMS_PER_SM = 16
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _multiprocessors(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (2 for the CPU interpreter); asked once per device."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
