@@ -388,12 +388,13 @@ def op_timings():
     dump()
 
 
-@section("norm_ops")
-def norm_ops():
+@section("candidates")
+def candidates():
     """Session-6 candidates, per op under fp16 autocast at L's first two stage shapes: group norm
     (PyTorch's on NCDHW, ours "manual" on channels-last, the Triton kernels) forward and forward +
     backward; the depthwise weight gradient with and without the bias gradient fused into it, against
-    the separate sum it replaces."""
+    the separate sum it replaces; the forward kernel's tile and warps and the weight gradient's warps
+    (timed, then restored: the steps run the shipped settings)."""
     from mednext.nn import ops
 
     kernels = ops.triton_ops(torch.empty(1, device=DEV))
@@ -435,6 +436,19 @@ def norm_ops():
             bsum = timed(lambda: kernels._bias_grad(g, w), reps, warm)
             gw, gb = kernels.weight_grad(x, g, (5, 5, 5), (1, 1, 1), (2, 2, 2), bias_grad=True)
             err = ((gb - kernels._bias_grad(g, w)).abs().max() / g.float().sum((0, 2, 3, 4)).abs().max()).item()
+        w5 = torch.randn(c, 1, 5, 5, 5, device=DEV)
+        res[f"{key} k5 fwd tile"] = sweep(
+            kernels, "FWD_TILE", (512, 1024, 2048), lambda: kernels.depthwise_conv(x, w5, None, (1, 1, 1)),
+            f"{key} k5 fwd", False, reps,
+        )  # fmt: skip
+        res[f"{key} k5 fwd warps"] = sweep(
+            kernels, "FWD_WARPS", (2, 4, 8), lambda: kernels.depthwise_conv(x, w5, None, (1, 1, 1)),
+            f"{key} k5 fwd", False, reps,
+        )  # fmt: skip
+        res[f"{key} k5 wgrad warps"] = sweep(
+            kernels, "WGRAD_WARPS", (2, 4, 8), lambda: kernels.weight_grad(x, g, (5, 5, 5), (1, 1, 1), (2, 2, 2)),
+            f"{key} k5 weight grad", False, reps,
+        )  # fmt: skip
         res[f"{key} k5 weight grad"] = {
             "alone_ms": plain,
             "with_bias_ms": fused,
@@ -444,7 +458,7 @@ def norm_ops():
         log(
             f"{key} k5 weight grad {plain:.2f} ms, with bias {fused:.2f} ms, separate bias sum {bsum:.2f} ms (err {err:.1e})"
         )
-    RESULTS["norm_ops"] = res
+    RESULTS["candidates"] = res
     dump()
 
 
@@ -607,8 +621,8 @@ def main(argv=None):
             route_check(args.preset, args.kernel, 64)
         elif name == "ops":
             op_timings()
-        elif name == "norm_ops":
-            norm_ops()
+        elif name == "candidates":
+            candidates()
         elif name == "steps":
             steps(args.preset, args.kernel, args.size, args.batch, args.variants)
         elif name.startswith("profile"):  # profile or profile:VARIANT

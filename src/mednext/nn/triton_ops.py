@@ -325,6 +325,11 @@ MAX_LAST_TAPS = 7  # _dw_wgrad keeps one accumulator per tap along the last axis
 # 5.5 with 4; on 2x64x64^3, 1.0 ms with 1 row against 1.6 with 2.
 FWD_ROWS = 2
 WGRAD_PROGRAMS_PER_SM = 16
+# Voxels x channels per forward-kernel program, and warps per program of each kernel (Triton's
+# default is 4). Not yet swept on a GPU: benchmarks/gpu_explore.py's "candidates" section times them.
+FWD_TILE = 1024
+FWD_WARPS = 4
+WGRAD_WARPS = 4
 
 
 @functools.cache
@@ -337,7 +342,7 @@ def _blocks(channels: int) -> tuple[int, int]:
     """Tile (voxels along the last axis, channels): 32 x 32 for MedNeXt's first stage, 16 x 64
     beyond; few distinct tiles keep the number of compiled kernel variants small."""
     block_c = 32 if channels <= 32 else 64
-    return 1024 // block_c, block_c
+    return FWD_TILE // block_c, block_c
 
 
 def _taps_by_channel(weight: torch.Tensor) -> torch.Tensor:
@@ -377,6 +382,7 @@ def conv_forward(
         c, i_d, i_h, i_w, o_d, o_h, o_w, ohb,
         *x5.stride(), *o5.stride(), *pad, w5.shape[2], w5.shape[3], *st,
         KW=w5.shape[4], HAS_BIAS=bias is not None, BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_C=block_c,
+        num_warps=FWD_WARPS,
     )  # fmt: skip
     return out
 
@@ -417,7 +423,7 @@ def weight_grad(
         x5, g5, part, bpart,
         c, i_d, i_h, i_w, o_d, o_h, o_w, rows, per_prog,
         *x5.stride(), *g5.stride(), *pad, kern[0], kern[1], *st,
-        KW=kern[2], BIAS_GRAD=bias_grad, BLOCK_W=block_w, BLOCK_C=block_c,
+        KW=kern[2], BIAS_GRAD=bias_grad, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=WGRAD_WARPS,
     )  # fmt: skip
     gw = part.sum(dim=0)  # (KD*KH, KW, C)
     return gw.permute(2, 0, 1).reshape(c, 1, *kernel), bpart.sum(dim=0) if bias_grad else None
