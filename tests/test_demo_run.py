@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 from pathlib import Path
 
@@ -109,6 +111,7 @@ class _FakeEngine:
         self.dataloader_train = iter(range(10**6))
         self.dataloader_val = iter(range(10**6))
         self.events: list[str] = []
+        self.device = torch.device("cpu")
 
     def on_train_start(self) -> None:
         self.events.append("start")
@@ -170,6 +173,32 @@ def test_time_budget_sets_epochs_and_schedule(
     assert t.iterations_done == 5 * (epochs - 1) + last
     if epochs > 1:
         assert t.lr_scheduler.max_steps == epochs
+
+
+@pytest.mark.parametrize(("device", "env", "kept"), [("cpu", None, True), ("cpu", "0", False), ("cuda", None, False)])
+def test_time_budget_keeps_freed_memory_on_the_cpu(monkeypatch, device: str, env: str | None, kept: bool) -> None:
+    # like `mednext train`: the budgeted loop (MedNeXt and the engine's U-Net alike) runs inside
+    # mednext.memory.reuse_freed_memory on the CPU, around the steps only
+    if env is None:
+        monkeypatch.delenv("MEDNEXT_KEEP_FREED_MEMORY", raising=False)
+    else:
+        monkeypatch.setenv("MEDNEXT_KEEP_FREED_MEMORY", env)
+    clock = _Clock()
+    monkeypatch.setattr(demo_trainer.time, "perf_counter", clock.perf_counter)
+    t = _BudgetedFake(clock)
+    t.budget_s, t.max_epochs, t.device = 30.0, None, torch.device(device)
+    original = demo_trainer.reuse_freed_memory
+
+    @contextlib.contextmanager
+    def recording(enable: bool = True):
+        t.events.append(f"keep={enable}")
+        with original(enable):
+            yield
+        t.events.append("released")
+
+    monkeypatch.setattr(demo_trainer, "reuse_freed_memory", recording)
+    t.run_training()
+    assert t.events == ["start", f"keep={kept}", "released", "end"]
 
 
 # ----------------------------------------------------------------------------- the demo trainer's data

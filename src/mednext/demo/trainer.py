@@ -30,6 +30,7 @@ import torch
 from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from mednext.memory import enabled_by_default, reuse_freed_memory
 from mednext.pipeline.context import context_dataset_class
 from mednext.pipeline.trainer import MedNeXtTrainer, trainer_class_name
 
@@ -98,11 +99,19 @@ class TimeBudgetMixin:
         # the engine's log file keeps everything; the terminal gets the demo's own progress lines
         super().print_to_log_file(*args, also_print_to_console=False, add_timestamp=add_timestamp)
 
-    def run_training(self) -> None:  # noqa: C901 (one loop, the engine's hooks in order)
-        from tqdm import tqdm
-
+    def run_training(self) -> None:
         self.num_epochs = max(self.num_epochs, self.current_epoch + 1)
         self.on_train_start()
+        # As in `mednext train` (MedNeXtTrainer.run_training): on the CPU freed memory stays in the
+        # process between steps (mednext.memory), for the MedNeXt run and the engine's U-Net alike.
+        keep = self.device.type == "cpu" and enabled_by_default()
+        with reuse_freed_memory(keep):
+            self._run_budgeted_epochs()
+        self.on_train_end()
+
+    def _run_budgeted_epochs(self) -> None:  # noqa: C901 (one loop, the engine's hooks in order)
+        from tqdm import tqdm
+
         start = time.perf_counter()
         self.budget_log: list[dict[str, float]] = []
         self.iterations_done = 0
@@ -168,7 +177,6 @@ class TimeBudgetMixin:
                     f"{now - start:.0f}/{self.budget_s:.0f} s used -> {self.num_epochs} epochs in all",
                     flush=True,
                 )
-        self.on_train_end()
 
 
 class MedNeXtDemoTrainer(TimeBudgetMixin, MedNeXtTrainer):
