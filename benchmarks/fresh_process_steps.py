@@ -13,6 +13,8 @@ A variant name ending in ``+kept`` runs with glibc's mmap off for the whole proc
 epoch loop on the CPU.
 
     python benchmarks/fresh_process_steps.py --rounds 2 --variants monai ours monai_cl ours+kept monai+kept
+    python benchmarks/fresh_process_steps.py --dims 2 --patch 112 128 --batch 5 --steps 10 --rounds 3 \
+        --variants monai ours_plain ours_plain+kept      # the demo's 2D step
 """
 
 from __future__ import annotations
@@ -51,8 +53,11 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
         env.update(MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_="100000000000")
     elif policy:
         raise SystemExit(f"unknown policy {policy!r} in variant {name!r}; use NAME or NAME+kept")
-    spec = {"variant": base, "preset": args.model, "kernel": args.kernel, "dims": 3, "classes": 4,
-            "patch": [args.patch] * 3, "batch": args.batch, "threads": args.threads, "steps": args.steps}  # fmt: skip
+    patch = args.patch * args.dims if len(args.patch) == 1 else args.patch
+    if len(patch) != args.dims:
+        raise SystemExit(f"--patch takes 1 or {args.dims} sizes for --dims {args.dims}, got {args.patch}")
+    spec = {"variant": base, "preset": args.model, "kernel": args.kernel, "dims": args.dims, "classes": 4,
+            "patch": patch, "batch": args.batch, "threads": args.threads, "steps": args.steps}  # fmt: skip
     proc = subprocess.run([sys.executable, "-c", WORKER, json.dumps(spec)], env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
@@ -63,7 +68,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="S")
     p.add_argument("--kernel", type=int, default=3)
-    p.add_argument("--patch", type=int, default=64)
+    p.add_argument("--dims", type=int, default=3, choices=[2, 3])
+    p.add_argument("--patch", type=int, nargs="+", default=[64], help="one size for every axis, or one per axis")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=2, help="timed steps and forwards per process (default 2)")
