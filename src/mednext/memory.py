@@ -49,6 +49,13 @@ def enabled_by_default() -> bool:
     return os.environ.get("MEDNEXT_KEEP_FREED_MEMORY", "1") != "0"
 
 
+def keeps_freed_memory(device: Any) -> bool:
+    """Whether ``mednext train``, the demo's trainer, ``mednext predict`` and the network's own
+    inference forward keep freed memory on ``device`` (a ``torch.device``): on the CPU, unless
+    ``MEDNEXT_KEEP_FREED_MEMORY=0``."""
+    return device.type == "cpu" and enabled_by_default()
+
+
 _LOCK = threading.Lock()
 _DEPTH = [0]  # open reuse_freed_memory blocks, all threads together: the outermost one switches
 

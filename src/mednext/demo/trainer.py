@@ -30,7 +30,7 @@ import torch
 from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from mednext.memory import enabled_by_default, reuse_freed_memory
+from mednext.memory import keeps_freed_memory, reuse_freed_memory
 from mednext.pipeline.context import context_dataset_class
 from mednext.pipeline.trainer import MedNeXtTrainer, trainer_class_name
 
@@ -104,8 +104,7 @@ class TimeBudgetMixin:
         self.on_train_start()
         # As in `mednext train` (MedNeXtTrainer.run_training): on the CPU freed memory stays in the
         # process between steps (mednext.memory), for the MedNeXt run and the engine's U-Net alike.
-        keep = self.device.type == "cpu" and enabled_by_default()
-        with reuse_freed_memory(keep):
+        with reuse_freed_memory(keeps_freed_memory(self.device)):
             self._run_budgeted_epochs()
         self.on_train_end()
 

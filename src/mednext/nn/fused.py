@@ -41,11 +41,6 @@ ENABLED = os.environ.get("MEDNEXT_FUSED_BLOCKS", "1") != "0"
 _CHUNK_BYTES = 256 << 10
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """Channels-last (N, C, *S) as the view (N, P, C), P the number of voxels."""
-    return t.movedim(1, -1).reshape(t.shape[0], -1, t.shape[1])
-
-
 def _unrows(r: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
     """(N, P, C) rows back to a channels-last (N, C, *S) view."""
     return r.view(r.shape[0], *spatial, r.shape[2]).movedim(-1, 1)
@@ -95,7 +90,7 @@ def _forward(d, residual, gamma, beta, w2, b2, w3, b3, eps, keep):
     """The branch's forward on rows; returns the output rows, the statistics, and the expansion
     and GELU outputs when ``keep`` (else GELU runs in place and neither is returned)."""
     last = d.shape[-1]
-    dr = _rows(d)
+    dr = ops._voxel_rows(d)
     n, p, _ = dr.shape
     mean, rstd = _moments(dr, last, eps)
     _, _, w_eff, b_eff = _folded(w2, b2, gamma, beta, mean, rstd)
@@ -103,7 +98,7 @@ def _forward(d, residual, gamma, beta, w2, b2, w3, b3, eps, keep):
     g = F.gelu(z) if keep else torch.ops.aten.gelu_(z)
     co, h = w3.shape
     if residual is not None:
-        out = torch.add(_rows(residual), b3)
+        out = torch.add(ops._voxel_rows(residual), b3)
         out.view(-1, co).addmm_(g.view(-1, h), w3.t())
     else:
         out = torch.mm(g.view(-1, h), w3.t()).add_(b3).view(n, p, co)
@@ -123,14 +118,14 @@ class _NormExpandCompress(torch.autograd.Function):
         d, gamma, beta, w2, b2, w3, mean, rstd, z, g = ctx.saved_tensors
         spatial = tuple(d.shape[2:])
         last = spatial[-1]
-        dr = _rows(d)
+        dr = ops._voxel_rows(d)
         n, p, c = dr.shape
         h, co = w2.shape[0], w3.shape[0]
         a, shift, w_eff, b_eff = _folded(w2, b2, gamma, beta, mean, rstd)
         if z is None:
             z = _expand(dr, w_eff, b_eff)
             g = F.gelu(z)
-        go = _rows(ops._channels_last(gout))
+        go = ops._voxel_rows(ops._channels_last(gout))
         go2, g2 = go.reshape(-1, co), g.view(-1, h)
         dw3 = torch.mm(go2.t(), g2)
         db3 = _column_sums(go, last).sum(dim=0)

@@ -67,7 +67,7 @@ def _checkpoint_mode(value: bool | str) -> bool | str:
 
 def channels_last(x: torch.Tensor) -> torch.Tensor:
     """``x`` with channels-last strides (NHWC / NDHWC), the layout of the fast path."""
-    return x.contiguous(memory_format=torch.channels_last_3d if x.ndim == 5 else torch.channels_last)
+    return ops._channels_last(x)
 
 
 def is_channels_last(x: torch.Tensor) -> bool:
@@ -714,7 +714,7 @@ class MedNeXt(nn.Module):
         fast = self.fast_path and not exporting
         if x.is_cuda and ops.CUDA_ROUTE["layout"] == "plain":
             fast = False  # CUDA without Triton: the plain layout measured fastest (see ops.CUDA_ROUTE)
-        if fast and x.device.type == "cpu" and not torch.is_grad_enabled() and memory.enabled_by_default():
+        if fast and not torch.is_grad_enabled() and memory.keeps_freed_memory(x.device):
             # Inference on the CPU: later blocks reuse the memory earlier blocks freed instead of page-faulting
             # fresh memory for every large tensor (mednext.memory); the setting ends with the forward.
             with memory.reuse_freed_memory():

@@ -34,9 +34,16 @@ import torch.nn.functional as F
 _CHUNK_BYTES = 2 << 20
 
 
-def _conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, padding: tuple[int, ...]) -> torch.Tensor:
+def _conv(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    padding: tuple[int, ...],
+    stride: tuple[int, ...] | int = 1,
+) -> torch.Tensor:
+    """PyTorch's depthwise conv (one group per channel), 2D or 3D."""
     conv = F.conv3d if x.ndim == 5 else F.conv2d
-    return conv(x, w, b, padding=padding, groups=x.shape[1])
+    return conv(x, w, b, stride=stride, padding=padding, groups=x.shape[1])
 
 
 def _tap_range(alpha: int, beta: int, n_g: int, gamma: int, delta: int, n_x: int) -> tuple[int, int]:
@@ -122,17 +129,17 @@ def _channels_last(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last_3d if t.ndim == 5 else torch.channels_last)
 
 
+def _voxel_rows(t: torch.Tensor) -> torch.Tensor:
+    """Channels-last (N, C, *S) as (N, P, C), P the number of voxels (a view for compact storage)."""
+    return t.movedim(1, -1).reshape(t.shape[0], -1, t.shape[1])
+
+
 def _zero_inserted(t: torch.Tensor, stride: tuple[int, ...], size: tuple[int, ...]) -> torch.Tensor:
     """Channels-last (N, C, *size) zeros with ``t`` on every s-th voxel from the first."""
     n, c = t.shape[:2]
     up = t.new_zeros((n, *size, c)).movedim(-1, 1)
     up[(slice(None), slice(None), *(slice(None, None, s) for s in stride))] = t
     return up
-
-
-def _strided_conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, stride, padding) -> torch.Tensor:
-    conv = F.conv3d if x.ndim == 5 else F.conv2d
-    return conv(x, w, b, stride=stride, padding=padding, groups=x.shape[1])
 
 
 class _DepthwiseConv(torch.autograd.Function):
@@ -151,7 +158,7 @@ class _DepthwiseConv(torch.autograd.Function):
         ctx.stride, ctx.transposed, ctx.has_bias = stride, transposed, bias is not None
         padding = tuple(k // 2 for k in weight.shape[2:])
         if not transposed:
-            return _strided_conv(x, weight, bias, stride, padding)
+            return _conv(x, weight, bias, padding, stride)
         size = tuple((v - 1) * s + 1 for v, s in zip(x.shape[2:], stride))
         return _conv(_zero_inserted(x, stride, size), weight.flip(tuple(range(2, weight.ndim))), bias, padding)
 
@@ -166,7 +173,7 @@ class _DepthwiseConv(torch.autograd.Function):
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
             if ctx.transposed:
-                gx = _strided_conv(grad, weight, None, stride, padding)
+                gx = _conv(grad, weight, None, padding, stride)
             else:
                 strided = any(s > 1 for s in stride)
                 g = _zero_inserted(grad, stride, tuple(x.shape[2:])) if strided else grad

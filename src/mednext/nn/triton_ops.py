@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mednext.nn.ops import CUDA_ROUTE, _autocast_dtype, _sub_kernel, _transposed_phase
+from mednext.nn.ops import CUDA_ROUTE, _autocast_dtype, _channels_last, _sub_kernel, _transposed_phase, _voxel_rows
 
 
 @triton.jit
@@ -338,10 +338,16 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
 
 
+def _channel_block(channels: int) -> int:
+    """Channels per program of every kernel: 32 for MedNeXt's first stage, 64 beyond; few distinct
+    tiles keep the number of compiled kernel variants small."""
+    return 32 if channels <= 32 else 64
+
+
 def _blocks(channels: int) -> tuple[int, int]:
-    """Tile (voxels along the last axis, channels): 32 x 32 for MedNeXt's first stage, 16 x 64
-    beyond; few distinct tiles keep the number of compiled kernel variants small."""
-    block_c = 32 if channels <= 32 else 64
+    """Forward tile (voxels along the last axis, channels): 32 x 32 for MedNeXt's first stage,
+    16 x 64 beyond."""
+    block_c = _channel_block(channels)
     return FWD_TILE // block_c, block_c
 
 
@@ -407,7 +413,7 @@ def weight_grad(
     rows = n * o_d * o_h
     if kern[2] > MAX_LAST_TAPS:
         raise ValueError(f"the Triton weight gradient takes at most {MAX_LAST_TAPS} taps along the last axis")
-    block_c = 32 if c <= 32 else 64
+    block_c = _channel_block(c)
     block_w = 512 // block_c  # KW float32 accumulators of block_w x block_c
     taps, cblocks = kern[0] * kern[1], triton.cdiv(c, block_c)
     sms = _multiprocessors(x.device)
@@ -463,14 +469,13 @@ GN_PROGRAMS_PER_SM = 8  # reduction programs per multiprocessor (chunks of voxel
 
 def _gn_view(t: torch.Tensor) -> torch.Tensor:
     """(N, C, *spatial) with a contiguous channel axis as an (N, S, C) view."""
-    v = t.movedim(1, -1)
-    if v.stride(-1) != 1:
+    if t.stride(1) != 1:
         raise ValueError("the Triton group norm needs a channels-last tensor (channel stride 1)")
-    return v.reshape(t.shape[0], -1, t.shape[1])
+    return _voxel_rows(t)
 
 
 def _gn_tiles(c: int) -> tuple[int, int]:
-    block_c = 32 if c <= 32 else 64
+    block_c = _channel_block(c)
     return 2048 // block_c, block_c
 
 
@@ -543,7 +548,7 @@ class _GroupNorm(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, stats = ctx.saved_tensors
         n, c = x.shape[:2]
-        x3, g3 = _gn_view(x), _gn_view(grad.contiguous(memory_format=_channels_last_format(grad)))
+        x3, g3 = _gn_view(x), _gn_view(_channels_last(grad))
         s = x3.shape[1]
         part = _gn_reduce_launch(x3, g3, None, stats, 2, stats.dtype)
         coef = torch.empty((n, 3, c), device=x.device, dtype=stats.dtype)
@@ -559,10 +564,6 @@ class _GroupNorm(torch.autograd.Function):
             gx = _channels_last_empty(x, tuple(x.shape), x.dtype)
             _gn_apply_launch(x3, g3, coef, _gn_view(gx))
         return gx, gw.to(weight.dtype), gb.to(weight.dtype), None, None
-
-
-def _channels_last_format(t: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last_3d if t.ndim == 5 else torch.channels_last
 
 
 def group_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:

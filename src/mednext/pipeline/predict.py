@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from mednext.memory import enabled_by_default, reuse_freed_memory
+from mednext.memory import keeps_freed_memory, reuse_freed_memory
 from mednext.pipeline.body import check_ct_for_body_crop, compose_with_engine_crop, crop_to_body
 from mednext.pipeline.context import context_slices_of, stack_neighbour_slices
 from mednext.pipeline.io import InputCase, collect_input_cases, image_ending
@@ -522,7 +522,7 @@ def predict_logits(predictor: nnUNetPredictor, data: torch.Tensor, tile_batch: i
     mirror_axes = predictor.allowed_mirroring_axes if predictor.use_mirroring else None
     num_classes = predictor.label_manager.num_segmentation_heads
     total = None
-    with reuse_freed_memory(enabled_by_default()):
+    with reuse_freed_memory(keeps_freed_memory(predictor.device)):
         for params in predictor.list_of_parameters:
             network.load_state_dict(params)
             logits = sliding_window_logits(

@@ -36,7 +36,7 @@ from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch import distributed as dist
 
-from mednext.memory import enabled_by_default, reuse_freed_memory
+from mednext.memory import keeps_freed_memory, reuse_freed_memory
 from mednext.pipeline.context import CONTEXT_KEY, check_context_slices, context_dataset_class, synchronise_channels
 from mednext.pipeline.planning import architecture_entry, mednext_arch_kwargs
 
@@ -346,8 +346,7 @@ class MedNeXtTrainer(nnUNetTrainer):
         self.on_train_start()
         # On the CPU freed memory stays in the process between steps (mednext.memory): no page faults
         # of every large tensor in every step. The data-loading workers, started above, keep glibc's defaults.
-        keep = self.device.type == "cpu" and enabled_by_default()
-        with reuse_freed_memory(keep):
+        with reuse_freed_memory(keeps_freed_memory(self.device)):
             self._run_epochs()
         self.on_train_end()
 
