@@ -47,12 +47,15 @@ print(json.dumps({"train": train, "infer": infer, "max_rss_mib": rss}))
 
 
 def run_variant(name: str, args: argparse.Namespace) -> dict:
-    base, _, policy = name.partition("+")
+    base, *policies = name.split("+")
     env = dict(os.environ)
-    if policy == "kept":
-        env.update(MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_="100000000000")
-    elif policy:
-        raise SystemExit(f"unknown policy {policy!r} in variant {name!r}; use NAME or NAME+kept")
+    for policy in policies:
+        if policy == "kept":
+            env.update(MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_="100000000000")
+        elif policy == "thp":
+            env.update(THP_MEM_ALLOC_ENABLE="1")
+        else:
+            raise SystemExit(f"unknown policy {policy!r} in variant {name!r}; use NAME, NAME+kept, NAME+thp")
     patch = args.patch * args.dims if len(args.patch) == 1 else args.patch
     if len(patch) != args.dims:
         raise SystemExit(f"--patch takes 1 or {args.dims} sizes for --dims {args.dims}, got {args.patch}")
@@ -83,8 +86,9 @@ def main() -> None:
             results[v].append(r)
             print(f"round {rnd + 1} {v}: train {statistics.mean(r['train']):.2f} s, "
                   f"infer {statistics.mean(r['infer']):.2f} s, max RSS {r['max_rss_mib']:,.0f} MiB", flush=True)  # fmt: skip
-    ref = {k: statistics.median(statistics.mean(r[k]) for r in results["monai"]) for k in ("train", "infer")}
-    print("\n| variant (own process) | train s | x MONAI | infer s | x MONAI | max RSS MiB |")
+    first = "monai" if "monai" in results else args.variants[0]  # the ratios' reference
+    ref = {k: statistics.median(statistics.mean(r[k]) for r in results[first]) for k in ("train", "infer")}
+    print(f"\n| variant (own process) | train s | x {first} | infer s | x {first} | max RSS MiB |")
     print("|---|---|---|---|---|---|")
     for v, rs in results.items():
         tr = statistics.median(statistics.mean(r["train"]) for r in rs)

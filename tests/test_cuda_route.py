@@ -15,6 +15,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mednext import MedNeXt
 from mednext.nn import ops
@@ -253,3 +254,70 @@ def test_triton_route_hands_float32_weights_to_the_kernels_under_autocast(monkey
         monkeypatch.setitem(ops.CUDA_ROUTE, "dw_weights", "autocast")
         xa, wa, ba = triton_ops._autocast(x, w, b)
         assert (xa.dtype, wa.dtype, ba.dtype) == (torch.bfloat16,) * 3  # as PyTorch's convolutions see them
+
+
+class _HostReads(TorchDispatchMode):
+    """Records the operations a CUDA graph cannot capture: a tensor's value read on the host (``item``,
+    ``bool``), a tensor built from host data (``torch.tensor``: a host-to-device copy on CUDA), and
+    outputs whose shape depends on values (``nonzero``, ``masked_select``, ``unique``)."""
+
+    FORBIDDEN = ("aten._local_scalar_dense", "aten.lift_fresh", "aten.nonzero", "aten.masked_select", "aten.unique")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func).startswith(self.FORBIDDEN):
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+class _CountingKernel:
+    """Stands in for a ``triton.jit`` kernel: ``kernel[grid](...)`` launches nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def _host_reads_of_a_training_step(model: MedNeXt, x: torch.Tensor, autocast: bool) -> list[str]:
+    from mednext.nn.mednext import MedNeXtBlock, is_channels_last
+
+    layouts = []
+    for block in model.modules():
+        if isinstance(block, MedNeXtBlock):
+            block.register_forward_pre_hook(lambda module, args: layouts.append(is_channels_last(args[0])))
+    model(x)  # first call outside the recording: one-time set-up (compiles, caches) need not be capturable
+    with _HostReads() as mode:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = sum(o.float().square().mean() for o in model(x))  # every head's backward too
+        loss.backward()
+    assert layouts and all(layouts), "some block ran off the channels-last route"
+    return mode.seen
+
+
+@pytest.mark.parametrize("route", range(len(ROUTES)))
+def test_cuda_route_training_step_has_nothing_a_cuda_graph_cannot_capture(forced_route, route):
+    # Capturing the step in a CUDA graph (benchmarks/gpu_explore.py's "+graph" variants) failed once on a GPU
+    # because a polyphase conv built an index tensor on the host. The route's forward and backward must not read
+    # values on the host or copy host data to the device; checked on the CPU here.
+    forced_route.update(ROUTES[route], layout="channels_last")
+    torch.manual_seed(0)
+    model = MedNeXt(1, 3, width=8, strides=[2, 2], kernel_sizes=[3, 5, 3, 5, 3], deep_supervision=True).train()
+    # float32: under CPU autocast PyTorch's CPU convolutions return channels-first bfloat16 (cuDNN keeps the
+    # layout), which would take the rest of the network off the route here
+    assert _host_reads_of_a_training_step(model, torch.randn(1, 1, 16, 16, 16), autocast=False) == []
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (CPU builds of torch)")
+def test_triton_route_training_step_has_nothing_a_cuda_graph_cannot_capture(forced_route, monkeypatch):
+    # The Triton wrappers' host code (grids, tiles, statistics buffers), with kernels that launch nothing.
+    from mednext.nn import triton_ops
+
+    for name in ("_dw_fwd", "_dw_wgrad", "_gn_reduce", "_gn_forward_stats", "_gn_backward_stats", "_gn_apply"):
+        monkeypatch.setattr(triton_ops, name, _CountingKernel())
+    monkeypatch.setattr(ops, "triton_ops", lambda x: triton_ops)
+    forced_route.update(layout="channels_last", depthwise="triton", norm="triton")
+    torch.manual_seed(0)
+    model = MedNeXt(1, 3, width=8, strides=[2, 2], kernel_sizes=[3, 5, 3, 5, 3], deep_supervision=True).train()
+    assert _host_reads_of_a_training_step(model, torch.randn(1, 1, 16, 16, 16), autocast=True) == []

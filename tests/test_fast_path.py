@@ -64,9 +64,18 @@ def test_fast_path_is_default_and_switchable_by_environment(monkeypatch):
 
 def test_fast_path_under_cpu_bfloat16_autocast():
     """The custom channels-last ops follow autocast's dtypes, so a bfloat16 autocast step runs
-    and stays as close to the float32 result as the plain path's autocast step."""
+    and stays as close to the float32 result as the plain path's autocast step; every block stays on
+    the fast path (PyTorch's CPU conv returns channels-first bfloat16, which our ops lay out again)."""
+    from mednext.nn.mednext import MedNeXtBlock, is_channels_last
+
     torch.manual_seed(3)
     model = MedNeXt(2, 3, width=8, deep_supervision=True, spatial_dims=3, strides=[2, 2], kernel_sizes=3).train()
+    layouts = {}
+    for name, block in model.named_modules():
+        if isinstance(block, MedNeXtBlock):
+            block.register_forward_pre_hook(
+                lambda m, args, name=name: layouts.update({name: is_channels_last(args[0])})
+            )
     x = torch.randn(2, 2, 8, 8, 8)
     model.set_fast_path(False)
     ref_out, ref_grads = _run(model, x, fast=False)
@@ -83,5 +92,7 @@ def test_fast_path_under_cpu_bfloat16_autocast():
         scale = max(g.abs().max().item() for g in ref_grads.values())
         grad_err = max((grads[n].float() - g).abs().max().item() / scale for n, g in ref_grads.items())
         errors[fast] = (out_err, grad_err)
+        if fast:
+            assert len(layouts) == 14 and all(layouts.values()), layouts
     assert errors[True][0] < 3e-2 and errors[True][1] < 3e-2, errors
     assert errors[True][0] < 3 * errors[False][0] + 1e-3, errors  # no worse than autocast's own error

@@ -158,9 +158,13 @@ class _DepthwiseConv(torch.autograd.Function):
         ctx.stride, ctx.transposed, ctx.has_bias = stride, transposed, bias is not None
         padding = tuple(k // 2 for k in weight.shape[2:])
         if not transposed:
-            return _conv(x, weight, bias, padding, stride)
-        size = tuple((v - 1) * s + 1 for v, s in zip(x.shape[2:], stride))
-        return _conv(_zero_inserted(x, stride, size), weight.flip(tuple(range(2, weight.ndim))), bias, padding)
+            y = _conv(x, weight, bias, padding, stride)
+        else:
+            size = tuple((v - 1) * s + 1 for v, s in zip(x.shape[2:], stride))
+            y = _conv(_zero_inserted(x, stride, size), weight.flip(tuple(range(2, weight.ndim))), bias, padding)
+        # PyTorch's CPU conv returns channels-first under bfloat16 autocast; the blocks after this one
+        # would leave the fast path (a no-op in float32, where the output is channels-last already)
+        return _channels_last(y)
 
     @staticmethod
     def backward(ctx, grad):
