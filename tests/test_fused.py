@@ -29,9 +29,17 @@ def _grads(block, x, enabled, monkeypatch, recompute=False):
     return out.detach(), x.grad, {n: p.grad.clone() for n, p in block.named_parameters()}
 
 
+# Chunks of the expansion (fused._ROWS_BYTES): one per sample at these sizes, or five rows of the last
+# axis (50 rows of 24 float64 expansion channels), which leaves a partial last chunk.
+CHUNKS = {"whole": None, "chunked": 50 * 24 * 8}
+
+
+@pytest.mark.parametrize("chunks", CHUNKS)
 @pytest.mark.parametrize("dims", [3, 2])
 @pytest.mark.parametrize("kind", ["block", "block-no-residual", "down", "up"])
-def test_fused_branch_equals_unfused_float64(kind, dims, monkeypatch):
+def test_fused_branch_equals_unfused_float64(kind, dims, chunks, monkeypatch):
+    if CHUNKS[chunks]:
+        monkeypatch.setattr(fused, "_ROWS_BYTES", CHUNKS[chunks])
     torch.manual_seed(11)
     block = _block(kind, 8, 3, 3, dims).double().train()
     for p in block.parameters():
@@ -77,7 +85,10 @@ def test_fused_branch_float32_error_no_worse_than_unfused(monkeypatch):
     assert errors[True] < 10 * errors[False], errors
 
 
-def test_fused_no_grad_forward_equals_training_forward():
+@pytest.mark.parametrize("chunks", CHUNKS)
+def test_fused_no_grad_forward_equals_training_forward(chunks, monkeypatch):
+    if CHUNKS[chunks]:
+        monkeypatch.setattr(fused, "_ROWS_BYTES", CHUNKS[chunks] // 2)  # float32, expansion 32: 37 rows -> 32
     torch.manual_seed(13)
     block = _block("block", 8, 4, 5, 3).eval()
     x = channels_last(torch.randn(1, 8, 8, 8, 8))
@@ -85,6 +96,9 @@ def test_fused_no_grad_forward_equals_training_forward():
         inference = block(x)
     training = block(x.requires_grad_())
     torch.testing.assert_close(inference, training.detach(), rtol=0, atol=0)
+    monkeypatch.setattr(fused, "ENABLED", False)
+    with torch.no_grad():
+        torch.testing.assert_close(inference, block(x), rtol=1e-5, atol=1e-5)  # the unfused fast path
 
 
 def test_fast_path_network_runs_the_fused_branch(monkeypatch):
