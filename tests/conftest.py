@@ -30,6 +30,15 @@ def _fresh_engine_folders():
     _restore_engine_vars()
 
 
+@pytest.fixture(autouse=True)
+def _same_threads_after():
+    """A test (or the CLI code it runs) that sets torch's thread count does not pass it on to the next
+    test; seen: one thread left behind changed which CPU conv kernels later tests ran."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread: on a shared CPU, OpenMP barriers of two threads cost more than they save."""

@@ -73,14 +73,12 @@ def test_only_ct_models_accept_the_body_crop() -> None:
 
 
 @pytest.mark.slow
-def test_predict_with_crop_equals_predicting_the_cropped_image(tmp_path: Path) -> None:
+def test_predict_with_crop_equals_predicting_the_cropped_image(tmp_path: Path, one_thread: None) -> None:
     pytest.importorskip("nnunetv2")
     sitk = pytest.importorskip("SimpleITK")
-    import torch
 
     from test_predict import make_results_folder, results_root, run_cli, write_image
 
-    torch.set_num_threads(1)
     workdir = tmp_path / "work"
     folder = make_results_folder(results_root(workdir), "Dataset958_Body")
     plans = json.loads((folder / "plans.json").read_text())

@@ -379,7 +379,9 @@ def depthwise_conv_strided_polyphase(
         out = y if out is None else out + y
     if bias is not None:
         out = out + bias.to(out.dtype).view(1, -1, *(1,) * len(stride))
-    return out
+    # a backend may return its sub-kernel convs channels-first (PyTorch's CPU conv does for some
+    # small kernels with one thread); the blocks after this one need the layout of the input
+    return _channels_last(out) if x.movedim(1, -1).is_contiguous() else out
 
 
 # ----------------------------------------------------------------------------- CUDA route
