@@ -13,7 +13,10 @@ passes and with fewer large tensors:
 - backward: the norm's per-channel sums come from the expansion's weight-gradient GEMM
   (``sum_p dy * x = sum_k W[k, c] * (dz^T x)[k, c]``) and from the bias gradient, so the norm's
   input gradient is one element-wise pass plus one GEMM accumulated into it; GELU's backward
-  writes over its input gradient.
+  writes over its input gradient;
+- the expansion, GELU and compression (and in the backward everything that reads the expansion's
+  gradient) run chunk by chunk, about 4 MiB of expansion per chunk, so a chunk stays in cache
+  between them and no expansion-sized temporary is built beyond what the backward needs.
 
 The block stores its depthwise output (C channels), the expansion output and GELU's output (R*C
 each), one C-channel tensor less than the unfused path (the normalised features), and nothing
