@@ -41,9 +41,12 @@ def _conv(
     padding: tuple[int, ...],
     stride: tuple[int, ...] | int = 1,
 ) -> torch.Tensor:
-    """PyTorch's depthwise conv (one group per channel), 2D or 3D."""
+    """PyTorch's depthwise conv (one group per channel), 2D or 3D, channels-last for channels-last
+    ``x``: PyTorch's CPU conv returns channels-first under bfloat16 autocast, and for some small
+    kernels with one thread, which would take the blocks after it off the fast path."""
     conv = F.conv3d if x.ndim == 5 else F.conv2d
-    return conv(x, w, b, stride=stride, padding=padding, groups=x.shape[1])
+    y = conv(x, w, b, stride=stride, padding=padding, groups=x.shape[1])
+    return _channels_last(y) if x.movedim(1, -1).is_contiguous() else y
 
 
 def _tap_range(alpha: int, beta: int, n_g: int, gamma: int, delta: int, n_x: int) -> tuple[int, int]:
@@ -158,13 +161,9 @@ class _DepthwiseConv(torch.autograd.Function):
         ctx.stride, ctx.transposed, ctx.has_bias = stride, transposed, bias is not None
         padding = tuple(k // 2 for k in weight.shape[2:])
         if not transposed:
-            y = _conv(x, weight, bias, padding, stride)
-        else:
-            size = tuple((v - 1) * s + 1 for v, s in zip(x.shape[2:], stride))
-            y = _conv(_zero_inserted(x, stride, size), weight.flip(tuple(range(2, weight.ndim))), bias, padding)
-        # PyTorch's CPU conv returns channels-first under bfloat16 autocast; the blocks after this one
-        # would leave the fast path (a no-op in float32, where the output is channels-last already)
-        return _channels_last(y)
+            return _conv(x, weight, bias, padding, stride)
+        size = tuple((v - 1) * s + 1 for v, s in zip(x.shape[2:], stride))
+        return _conv(_zero_inserted(x, stride, size), weight.flip(tuple(range(2, weight.ndim))), bias, padding)
 
     @staticmethod
     def backward(ctx, grad):
@@ -351,7 +350,7 @@ def depthwise_conv_transpose_polyphase(
     dtype = phases[0][1].dtype if phases else x.dtype  # autocast may have lowered the convs' dtype
     out = x.new_zeros((n, c, *out_size), dtype=dtype)
     if x.movedim(1, -1).is_contiguous():
-        out = out.contiguous(memory_format=torch.channels_last_3d if x.ndim == 5 else torch.channels_last)
+        out = _channels_last(out)
     if bias is not None:
         out += bias.to(dtype).view(1, -1, *(1,) * len(stride))
     for phase, y in phases:
@@ -379,9 +378,7 @@ def depthwise_conv_strided_polyphase(
         out = y if out is None else out + y
     if bias is not None:
         out = out + bias.to(out.dtype).view(1, -1, *(1,) * len(stride))
-    # a backend may return its sub-kernel convs channels-first (PyTorch's CPU conv does for some
-    # small kernels with one thread); the blocks after this one need the layout of the input
-    return _channels_last(out) if x.movedim(1, -1).is_contiguous() else out
+    return out
 
 
 # ----------------------------------------------------------------------------- CUDA route
