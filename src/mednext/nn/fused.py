@@ -76,13 +76,24 @@ def _moments(dr: torch.Tensor, last: int, eps: float) -> tuple[torch.Tensor, tor
     return mean, (var + eps).rsqrt_()
 
 
-def _chunks(n: int, p: int, last: int, width: int, itemsize: int):
-    """(sample, first row, end row) of the expansion's chunks: about ``_ROWS_BYTES`` of a chunk's
-    expansion, whole rows of the last spatial axis (so two-stage sums stay short)."""
-    rows = max(last, (_ROWS_BYTES // (width * itemsize)) // last * last)
+def _chunk_rows(p: int, last: int, width: int, itemsize: int) -> int:
+    """Rows per chunk of the expansion: about ``_ROWS_BYTES`` of it, whole rows of the last spatial
+    axis (so two-stage sums stay short), at most the ``p`` rows of a sample."""
+    return min(p, max(last, (_ROWS_BYTES // (width * itemsize)) // last * last))
+
+
+def _chunks(n: int, p: int, rows: int):
+    """(sample, first row, end row) of every chunk of ``rows`` rows."""
     for i in range(n):
         for start in range(0, p, rows):
             yield i, start, min(p, start + rows)
+
+
+def _expand_gelu(d, w_eff, b_eff, z_out, g_out=None):
+    """A chunk's expansion ``d @ w_eff^T + b_eff`` into ``z_out`` and its GELU into ``g_out`` (over
+    ``z_out`` in place when None); returns both."""
+    z = torch.addmm(b_eff, d, w_eff.t(), out=z_out)
+    return z, torch.ops.aten.gelu_(z) if g_out is None else torch.ops.aten.gelu.out(z, out=g_out)
 
 
 def _folded(w2, b2, gamma, beta, mean, rstd):
@@ -102,20 +113,18 @@ def _forward(d, residual, gamma, beta, w2, b2, w3, b3, eps, keep):
     mean, rstd = _moments(dr, last, eps)
     _, _, w_eff, b_eff = _folded(w2, b2, gamma, beta, mean, rstd)
     h, co = w_eff.shape[1], w3.shape[0]
-    rows = b3.expand(n, p, co) if residual is None else ops._voxel_rows(residual) + b3
-    out = rows.contiguous()  # the compression accumulates into residual + bias
+    base = b3.expand(n, p, co) if residual is None else ops._voxel_rows(residual) + b3
+    out = base.contiguous()  # the compression accumulates into residual + bias
+    rows = _chunk_rows(p, last, h, dr.element_size())
     z = g = buf = None
     if keep:
         z, g = dr.new_empty((n, p, h)), dr.new_empty((n, p, h))
+    else:
+        buf = dr.new_empty((rows, h))
     w3t = w3.t()
-    for i, start, end in _chunks(n, p, last, h, dr.element_size()):
-        if keep:
-            zc = torch.addmm(b_eff[i], dr[i, start:end], w_eff[i].t(), out=z[i, start:end])
-            gc = torch.ops.aten.gelu.out(zc, out=g[i, start:end])
-        else:
-            buf = dr.new_empty((end - start, h)) if buf is None else buf
-            zc = torch.addmm(b_eff[i], dr[i, start:end], w_eff[i].t(), out=buf[: end - start])
-            gc = torch.ops.aten.gelu_(zc)
+    for i, start, end in _chunks(n, p, rows):
+        z_out, g_out = (z[i, start:end], g[i, start:end]) if keep else (buf[: end - start], None)
+        _, gc = _expand_gelu(dr[i, start:end], w_eff[i], b_eff[i], z_out, g_out)
         out[i, start:end].addmm_(gc, w3t)
     return out, mean, rstd, (z, g)
 
@@ -143,19 +152,17 @@ class _NormExpandCompress(torch.autograd.Function):
         gram = dr.new_zeros((n, h, c))  # per sample: sum over voxels of dz x d
         sdz = dr.new_zeros((n, h))
         dd = dr.new_empty((n, p, c))
-        dz_buf = z_buf = g_buf = None
+        rows = _chunk_rows(p, last, h, dr.element_size())
+        dz_buf = dr.new_empty((rows, h))
+        if z is None:  # recompute: a chunk's expansion and GELU output, in cache like its gradient
+            z_buf, g_buf = dr.new_empty((rows, h)), dr.new_empty((rows, h))
         # Chunk by chunk, so the expansion's gradient dz never leaves the cache: GELU's backward, its
-        # sums and its GEMMs read it there; with ``recompute`` the chunk's expansion and GELU too.
-        for i, start, end in _chunks(n, p, last, h, dr.element_size()):
+        # sums and its GEMMs read it there.
+        for i, start, end in _chunks(n, p, rows):
             m = end - start
-            if dz_buf is None:
-                dz_buf = dr.new_empty((m, h))
-                if z is None:
-                    z_buf, g_buf = dr.new_empty((m, h)), dr.new_empty((m, h))
             dri, goc = dr[i, start:end], go[i, start:end]
             if z is None:
-                zc = torch.addmm(b_eff[i], dri, w_eff[i].t(), out=z_buf[:m])
-                gc = torch.ops.aten.gelu.out(zc, out=g_buf[:m])
+                zc, gc = _expand_gelu(dri, w_eff[i], b_eff[i], z_buf[:m], g_buf[:m])
             else:
                 zc, gc = z[i, start:end], g[i, start:end]
             dw3.addmm_(goc.t(), gc)
@@ -164,7 +171,7 @@ class _NormExpandCompress(torch.autograd.Function):
             gram[i].addmm_(dz.t(), dri)
             sdz[i] += dz.view(-1, last, h).sum(dim=1).sum(dim=0)
             torch.mm(dz, w_eff[i], out=dd[i, start:end])
-        del z, g, z_buf, g_buf, dz_buf
+        del z, g, dz_buf
         dw2 = (gram * a[:, None, :]).sum(dim=0) + sdz.t() @ shift
         db2 = sdz.sum(dim=0)
         s_dy = sdz @ w2  # per (sample, channel): sum of the normalised features' gradient
