@@ -37,7 +37,6 @@ NOT_LAUNCHES = {
     "aten::_unsafe_view",
     "aten::_local_scalar_dense",
 }
-TRITON_KERNELS = ("_dw_fwd", "_dw_wgrad", "_gn_reduce", "_gn_forward_stats", "_gn_backward_stats", "_gn_apply")
 
 
 class _CountingKernel:
@@ -60,7 +59,7 @@ def count(preset: str, kernel: int, size: int, route: dict[str, str]) -> tuple[i
     from mednext.nn import ops, triton_ops
 
     triton_counts: collections.Counter = collections.Counter()
-    for name in TRITON_KERNELS:
+    for name in triton_ops.KERNELS:
         setattr(triton_ops, name, _CountingKernel(triton_counts, f"triton::{name}"))
     ops._TRITON[:] = [triton_ops]
     ops.FORCE_CUDA_ROUTE = True

@@ -273,7 +273,7 @@ class _HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-class _CountingKernel:
+class _NoLaunch:
     """Stands in for a ``triton.jit`` kernel: ``kernel[grid](...)`` launches nothing."""
 
     def __getitem__(self, grid):
@@ -314,8 +314,8 @@ def test_triton_route_training_step_has_nothing_a_cuda_graph_cannot_capture(forc
     # The Triton wrappers' host code (grids, tiles, statistics buffers), with kernels that launch nothing.
     from mednext.nn import triton_ops
 
-    for name in ("_dw_fwd", "_dw_wgrad", "_gn_reduce", "_gn_forward_stats", "_gn_backward_stats", "_gn_apply"):
-        monkeypatch.setattr(triton_ops, name, _CountingKernel())
+    for name in triton_ops.KERNELS:
+        monkeypatch.setattr(triton_ops, name, _NoLaunch())
     monkeypatch.setattr(ops, "triton_ops", lambda x: triton_ops)
     forced_route.update(layout="channels_last", depthwise="triton", norm="triton")
     torch.manual_seed(0)

@@ -314,6 +314,9 @@ def _gn_apply(
 
 
 MAX_LAST_TAPS = 7  # _dw_wgrad keeps one accumulator per tap along the last axis
+# Every Triton kernel the launchers below start (benchmarks/count_launches.py and the CUDA-graph test
+# replace them with stand-ins that launch nothing)
+KERNELS = ("_dw_fwd", "_dw_wgrad", "_gn_reduce", "_gn_forward_stats", "_gn_backward_stats", "_gn_apply")
 
 
 # ----------------------------------------------------------------------------- launchers
