@@ -31,6 +31,17 @@ def _fresh_engine_folders():
 
 
 @pytest.fixture(autouse=True)
+def _settings_from_environment():
+    """Every test starts with mednext's switches as the environment gives them, and a setter or
+    ``config.override`` in one test does not reach the next."""
+    from mednext import config
+
+    config.reload()
+    yield
+    config.reload()
+
+
+@pytest.fixture(autouse=True)
 def _same_threads_after():
     """A test (or the CLI code it runs) that sets torch's thread count does not pass it on to the next
     test; seen: one thread left behind changed which CPU conv kernels later tests ran."""

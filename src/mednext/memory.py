@@ -3,25 +3,25 @@
 glibc serves every allocation above its mmap threshold (at most 32 MiB) with a fresh ``mmap`` and
 returns it to the system on ``free``. A MedNeXt step allocates and frees its large activations and
 gradients anew each time, so each of them is page-faulted and zeroed by the kernel again in every
-step. Measured on this project's 2-core CPU (docs/benchmarks.md, session 5): one S k3 64^3 batch-2
-training step spends about half its time there, for MONAI's network (22.7 s -> 10.8 s with memory
-kept) and for ours alike; one 64^3 S forward caused 460,000 page faults (1.8 GB).
+step; on a CPU this costs a large share of a 3D network's step time (docs/benchmarks.md).
 
 :func:`reuse_freed_memory` switches glibc to the heap for large blocks and keeps freed memory for
 the next allocation, the way PyTorch's CUDA caching allocator keeps GPU memory; on leaving it
 restores glibc's defaults and returns the free memory (``malloc_trim``). The price is resident
-memory: the heap holds on to its largest extent plus fragmentation (a first training step's
-peak-RSS rise +21% for our S, +11% for MONAI's, measured). ``mednext predict`` and ``mednext train``
-use it on the CPU; ``MEDNEXT_KEEP_FREED_MEMORY=0`` turns it off there.
+memory: the heap holds on to its largest extent plus fragmentation. The trainer and the predictor
+use it on the CPU (``MEDNEXT_KEEP_FREED_MEMORY=0`` turns it off there); the network's ``forward``
+never does, so a model has no process-wide side effect: wrap your own CPU loop in
+``with reuse_freed_memory():`` to get the same effect.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 from collections.abc import Iterator
 from typing import Any
+
+from mednext import config
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -43,17 +43,11 @@ def _glibc() -> Any:
         return None
 
 
-def enabled_by_default() -> bool:
-    """Whether ``mednext train`` / ``mednext predict`` keep freed memory on the CPU
-    (``MEDNEXT_KEEP_FREED_MEMORY=0`` says no)."""
-    return os.environ.get("MEDNEXT_KEEP_FREED_MEMORY", "1") != "0"
-
-
 def keeps_freed_memory(device: Any) -> bool:
-    """Whether ``mednext train``, the demo's trainer, ``mednext predict`` and the network's own
-    inference forward keep freed memory on ``device`` (a ``torch.device``): on the CPU, unless
-    ``MEDNEXT_KEEP_FREED_MEMORY=0``."""
-    return device.type == "cpu" and enabled_by_default()
+    """Whether training and prediction keep freed memory on ``device`` (a ``torch.device``): on the
+    CPU, unless switched off (``mednext.config.set_keep_freed_memory(False)`` or
+    ``MEDNEXT_KEEP_FREED_MEMORY=0``)."""
+    return device.type == "cpu" and config.get().keep_freed_memory
 
 
 _LOCK = threading.Lock()

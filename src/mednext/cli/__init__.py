@@ -12,12 +12,10 @@ import importlib
 import importlib.util
 import sys
 
+from mednext.errors import UserError
+
 # Order shown in --help; a module that does not exist (yet) is skipped.
 COMMANDS = ["plan", "train", "predict", "evaluate", "upkern", "export", "summary", "demo", "benchmark"]
-
-
-class UserError(Exception):
-    """An error caused by the user's input: printed without a traceback, exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from mednext.cli import UserError
+from mednext.errors import ExampleScansUnavailable
 
 if TYPE_CHECKING:
     import numpy as np
@@ -71,10 +71,6 @@ DEFAULT_LABEL_GROUPS: dict[str, tuple[str, ...]] = {
     "aorta": ("aorta",),
     "kidney": ("kidney_left", "kidney_right", "kidney_cyst_left", "kidney_cyst_right"),
 }
-
-
-class ExampleScansUnavailable(UserError):
-    """The example scans are not cached and could not be downloaded or unpacked."""
 
 
 @dataclass(frozen=True)

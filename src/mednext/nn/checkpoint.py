@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mednext.errors import CheckpointError, UnsafeCheckpointError
+
 __all__ = [
     "CheckpointError",
     "UnsafeCheckpointError",
@@ -42,14 +44,6 @@ __all__ = [
 
 FORMAT_NAME = "mednext"
 FORMAT_VERSION = "1"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing pieces, truncated, corrupt or of an unknown kind."""
-
-
-class UnsafeCheckpointError(CheckpointError):
-    """A pickled checkpoint asks to call something other than plain data constructors."""
 
 
 # ----------------------------------------------------------------------------- file kinds

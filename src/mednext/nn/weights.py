@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mednext.errors import LayoutError, ShapeMismatchError
 from mednext.nn.mednext import MedNeXt
 
 __all__ = [
@@ -64,14 +65,6 @@ _OUR_KEY = re.compile(
 )
 _MONAI_ONLY = re.compile(r"^(?:enc_stages|down_blocks|up_blocks|dec_stages|out_blocks)\.")
 _OURS_ONLY = re.compile(r"^(?:enc_block_\d+|down_\d+|up_\d+|dec_block_\d+|out_[1-9]\d*)\.")
-
-
-class LayoutError(ValueError):
-    """A state dict whose keys match no layout we read, or do not fit the model."""
-
-
-class ShapeMismatchError(ValueError):
-    """A tensor whose shape differs between the weights and the model."""
 
 
 # ----------------------------------------------------------------------------- reports

@@ -17,15 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
+from mednext.errors import DatasetError
+
 DATASET_NAME = re.compile(r"^Dataset(\d{3})_([A-Za-z0-9_\-]+)$")
 FIRST_FREE_ID = 900  # ids chosen for folders without a DatasetXXX_ prefix start here (nnU-Net reserves lower ones)
 MAX_LISTED = 12  # problems listed in one error message
 SITK_ENDINGS = (".nii.gz", ".nrrd", ".mha", ".gipl", ".nii")
 NATURAL_2D_ENDINGS = (".png", ".bmp")
-
-
-class DatasetError(ValueError):
-    """A raw dataset problem the user must fix; the message names the file and the fix."""
 
 
 @dataclass

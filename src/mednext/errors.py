@@ -1,0 +1,51 @@
+"""The exceptions mednext raises for problems the user can fix.
+
+Every message names the file, field or value at fault and the fix. The command line prints
+them without a traceback and exits with code 2. Most derive from ``ValueError``, so code that
+caught ``ValueError`` before keeps working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DatasetError",
+    "ExampleScansUnavailable",
+    "LayoutError",
+    "ShapeMismatchError",
+    "UnsafeCheckpointError",
+    "UserError",
+]
+
+
+class UserError(Exception):
+    """An error caused by the user's input or request: printed without a traceback, exit code 2."""
+
+
+class ConfigError(ValueError):
+    """A switch (a ``MEDNEXT_*`` variable or a setter's argument) with a value mednext does not know."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing pieces, truncated, corrupt or of an unknown kind."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A pickled checkpoint asks to call something other than plain data constructors."""
+
+
+class LayoutError(ValueError):
+    """A state dict whose keys match no layout mednext reads, or do not fit the model."""
+
+
+class ShapeMismatchError(ValueError):
+    """A tensor whose shape differs between the weights and the model."""
+
+
+class DatasetError(ValueError):
+    """A raw dataset problem the user must fix; the message names the file and the fix."""
+
+
+class ExampleScansUnavailable(UserError):
+    """The demo's example scans are not cached and could not be downloaded or unpacked."""
