@@ -5,7 +5,7 @@
 
 For each round and each mode (interleaved), a fresh process builds the model (same seed), runs
 one training step (forward, deep-supervision loss, backward, AdamW) whose peak-RSS rise it
-reports (as ``mednext.summary.training_step_memory``), then times a second step. Also counts,
+reports (as ``mednext.nn.summary.training_step_memory``), then times a second step. Also counts,
 on the ``meta`` device (no memory, no arithmetic), the bytes of the activations the autograd
 graph keeps for the backward pass in each mode. Prints medians as a Markdown table and JSON.
 """
@@ -34,8 +34,7 @@ def _model(args: dict, mode: str, device: str = "cpu"):
 
 
 def worker(args: dict) -> dict:
-    from mednext.benchmark import training_step
-    from mednext.summary import peak_rss_rise
+    from mednext.nn.summary import peak_rss_rise, training_step
 
     torch.set_num_threads(args["threads"])
     torch.manual_seed(0)

@@ -55,8 +55,8 @@ class _CountingKernel:
 def count(preset: str, kernel: int, size: int, route: dict[str, str]) -> tuple[int, collections.Counter]:
     os.environ["TRITON_INTERPRET"] = "1"  # ops.triton_ops hands out the module on the CPU
     from mednext import create_mednext
-    from mednext.benchmark import deep_supervision_loss
     from mednext.nn import ops, triton_ops
+    from mednext.nn.summary import deep_supervision_loss
 
     triton_counts: collections.Counter = collections.Counter()
     for name in triton_ops.KERNELS:

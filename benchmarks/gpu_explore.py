@@ -465,7 +465,7 @@ def candidates():
 def amp_step(model, x, target, opt, scaler, cache_enabled: bool = True):
     """One training step; ``cache_enabled=False`` for a graphed network (graph capture needs autocast's
     cast cache off)."""
-    from mednext.benchmark import deep_supervision_loss
+    from mednext.nn.summary import deep_supervision_loss
 
     opt.zero_grad(set_to_none=True)
     with torch.autocast(DEV, dtype=AMP_DTYPE, cache_enabled=cache_enabled):

@@ -183,7 +183,7 @@ def _config_mode(model: MedNeXt):
 
 
 def test_summary_names_every_mode():
-    from mednext.summary import ModelSummary
+    from mednext.nn.summary import ModelSummary
 
     memory = [
         {"device": "cpu", "batch": 1, "patch": "64x64x64", "grad_checkpointing": m, "peak_mib": 1.0, "measure": "rss"}

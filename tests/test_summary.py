@@ -4,7 +4,7 @@ import pytest
 
 from mednext.cli import main
 from mednext.nn import MedNeXt
-from mednext.summary import model_summary, summarize, training_step_memory
+from mednext.nn.summary import model_summary, summarize, training_step_memory
 
 # Reference README GFLOPs column = G multiply-accumulates of one 128^3 forward pass.
 REFERENCE_GMACS = {

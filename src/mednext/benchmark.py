@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mednext.nn.summary import peak_rss_rise, training_step
+
 VARIANTS = ("monai", "monai_cl", "ours_plain", "ours")
 # Variants timed with freed memory kept in the process (mednext.memory.reuse_freed_memory), as
 # `mednext train` and `mednext predict` run on the CPU: not in the default set, asked for by name.
@@ -42,31 +44,6 @@ LABELS = {
 def _base(variant: str) -> str:
     """The network a variant runs: ``ours_kept`` runs ``ours``, ``monai_kept`` runs ``monai``."""
     return variant.removesuffix("_kept")
-
-
-def deep_supervision_loss(outputs: Any, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy on every deep-supervision output (weights 1, 1/2, ... normalised), the
-    target nearest-downsampled to each output's size."""
-    outputs = list(outputs) if isinstance(outputs, list | tuple) else [outputs]
-    weights = [1 / 2**i for i in range(len(outputs))]
-    total = sum(weights)
-    loss = outputs[0].new_zeros(())
-    for w, out in zip(weights, outputs):
-        t = target
-        if out.shape[2:] != target.shape[1:]:
-            t = nn.functional.interpolate(target[:, None].float(), size=out.shape[2:], mode="nearest")
-            t = t[:, 0].long()
-        loss = loss + w / total * nn.functional.cross_entropy(out, t)
-    return loss
-
-
-def training_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, optimizer: torch.optim.Optimizer) -> float:
-    """Forward, deep-supervision loss, backward and optimizer step; returns the loss."""
-    optimizer.zero_grad(set_to_none=True)
-    loss = deep_supervision_loss(model(x), target)
-    loss.backward()
-    optimizer.step()
-    return float(loss.detach())
 
 
 def _sync(device: torch.device) -> None:
@@ -192,7 +169,6 @@ def _worker_setup(spec: dict[str, Any]) -> tuple[nn.Module, torch.Tensor, torch.
 def _memory_worker(spec: dict[str, Any]) -> float:
     """Peak RSS rise of one training step of one variant, in a fresh process."""
     from mednext.memory import reuse_freed_memory
-    from mednext.summary import peak_rss_rise
 
     model, x, target, opt = _worker_setup(spec)
     with reuse_freed_memory(spec["variant"] in KEPT_MEMORY_VARIANTS):

@@ -453,7 +453,7 @@ def float32_agreement(setup: PredictSetup, tta: bool, tile_batch: int = 2) -> Ag
 
 def _memory_worker(spec: dict[str, Any]) -> float:
     """Peak-RSS rise (MiB) of one whole prediction of one variant, in a fresh process."""
-    from mednext.summary import peak_rss_rise
+    from mednext.nn.summary import peak_rss_rise
 
     torch.set_num_threads(spec["threads"])
     setup = PredictSetup.from_json(spec["setup"])

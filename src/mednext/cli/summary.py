@@ -43,7 +43,7 @@ def _expand(size: tuple[int, ...] | None, dims: int) -> tuple[int, ...] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mednext.summary import model_summary
+    from mednext.nn.summary import model_summary
 
     summary = model_summary(
         args.model,

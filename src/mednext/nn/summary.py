@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mednext.nn import MedNeXt, create_mednext
+from mednext.nn.mednext import MedNeXt, create_mednext
 
 
 @dataclass
@@ -149,10 +149,33 @@ def summarize(model: MedNeXt, input_size: Sequence[int], *, preset: str | None =
 # ----------------------------------------------------------------------------- memory
 
 
+def deep_supervision_loss(outputs: Any, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy on every deep-supervision output (weights 1, 1/2, ... normalised), the
+    target nearest-downsampled to each output's size."""
+    outputs = list(outputs) if isinstance(outputs, list | tuple) else [outputs]
+    weights = [1 / 2**i for i in range(len(outputs))]
+    total = sum(weights)
+    loss = outputs[0].new_zeros(())
+    for w, out in zip(weights, outputs):
+        t = target
+        if out.shape[2:] != target.shape[1:]:
+            t = nn.functional.interpolate(target[:, None].float(), size=out.shape[2:], mode="nearest")
+            t = t[:, 0].long()
+        loss = loss + w / total * nn.functional.cross_entropy(out, t)
+    return loss
+
+
+def training_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, optimizer: torch.optim.Optimizer) -> float:
+    """Forward, deep-supervision loss, backward and optimizer step; returns the loss."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = deep_supervision_loss(model(x), target)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
 def _training_step(model: MedNeXt, batch: int, patch: Sequence[int], device: torch.device) -> None:
     """Forward, deep-supervision cross-entropy, backward and AdamW step on random data."""
-    from mednext.benchmark import training_step
-
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=3e-5, eps=1e-4)
     x = torch.randn(batch, model.in_channels, *patch, device=device)
@@ -234,7 +257,7 @@ def training_step_memory(
     elif device.type == "cpu":
         spec = {"config": model.config, "batch": batch, "patch": list(patch)}
         code = (
-            "import json, sys; from mednext.summary import _memory_worker; "
+            "import json, sys; from mednext.nn.summary import _memory_worker; "
             "print(json.dumps(_memory_worker(json.loads(sys.argv[1]))))"
         )
         proc = subprocess.run(
