@@ -17,6 +17,8 @@ Outputs in ``out``: ``metrics.json``, ``segmentation.nii.gz``, ``overlay_axial.p
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -29,6 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
 from mednext.demo.data import prepare_demo_dataset
 from mednext.demo.trainer import MedNeXtDemoTrainer, demo_trainer_class, nnUNetTrainer_demoBudget
@@ -128,9 +133,6 @@ def set_ct_window(plans_path: Path, window: tuple[float, float]) -> dict:
 
 def _quiet_call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Run an engine step with its verbose stdout captured (printed only if it fails)."""
-    import contextlib
-    import io
-
     buffer = io.StringIO()
     try:
         with contextlib.redirect_stdout(buffer):
@@ -195,9 +197,6 @@ def train_mednext(settings: DemoSettings, dataset_name: str, device: Any, budget
 
 def plan_nnunet(dataset_name: str) -> dict:
     """nnU-Net's own default planner (``nnUNetPlans``) and preprocessing, 2d only."""
-    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
-
     dataset_id = dataset_id_of(dataset_name)
     planner = ExperimentPlanner(dataset_id, gpu_memory_target_in_gb=8, plans_name=NNUNET_PLANS)
     plans = _quiet_call(planner.plan_experiment)
@@ -229,11 +228,6 @@ def train_nnunet(settings: DemoSettings, dataset_name: str, device: Any, budget_
 
 def predict_nnunet(trainer: Any, image: Path, output: Path, tta: bool, crop_body: bool = False) -> Path:
     """Segment ``image`` with the freshly trained nnU-Net network (the engine's predictor)."""
-    import contextlib
-    import io
-
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
     trainer.set_deep_supervision_enabled(False)
     network = trainer.network
     network.eval()
@@ -446,8 +440,6 @@ def prepare_data(
     plans = _quiet_call(plan, PlanSettings(info.dataset_dir, recipe="auto", configs=[CONFIGURATION], num_processes=1))
     name = plans["mednext_dataset_name"]
     if settings.ct_window is not None:
-        from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
-
         plans_path = preprocessed_folder() / name / f"{RECIPES['auto']}.json"
         old = plans["foreground_intensity_properties_per_channel"]["0"]
         set_ct_window(plans_path, settings.ct_window)

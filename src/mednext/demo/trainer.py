@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from mednext.pipeline.datasets import TransformedDatasetClass
@@ -164,8 +165,6 @@ class MedNeXtDemoTrainer(TimeBudgetMixin, MedNeXtTrainer):
             return super().configure_optimizers()
         if self.optimizer_name != "sgd":
             raise ValueError(f"optimizer_name {self.optimizer_name!r}: use 'adamw' or 'sgd'")
-        from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
-
         self.initial_lr = 1e-2
         optimizer = torch.optim.SGD(
             self.network.parameters(), self.initial_lr, weight_decay=self.weight_decay, momentum=0.99, nesterov=True

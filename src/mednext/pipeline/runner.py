@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
+from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
 
 from mednext.errors import DatasetError
 from mednext.files import resolve_device
@@ -65,9 +67,6 @@ def plan(settings: PlanSettings) -> dict[str, Any]:
 
     The working folders must be set (``use_workdir``). The plans carry the dataset's name under
     ``mednext_dataset_name`` and the skipped configurations under ``mednext_skipped``."""
-    from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
-
     configs = list(settings.configs)
     if settings.recipe not in PLANNERS:
         raise DatasetError(f"unknown recipe {settings.recipe!r}; use one of {', '.join(PLANNERS)}")

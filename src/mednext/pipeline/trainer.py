@@ -37,12 +37,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from torch import distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from mednext.files import atomic_write, atomic_write_text
 from mednext.memory import keeps_freed_memory, reuse_freed_memory
@@ -314,9 +317,6 @@ class MedNeXtTrainer(EpochLoop, nnUNetTrainer):
         its own loss, and compiles by default; the steps are the engine's, in its order."""
         if self.was_initialized:
             raise RuntimeError("initialize() was already called")
-        from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-        from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-
         self._set_batch_size_and_oversample()
         self.num_input_channels = determine_num_input_channels(
             self.plans_manager, self.configuration_manager, self.dataset_json
@@ -334,8 +334,6 @@ class MedNeXtTrainer(EpochLoop, nnUNetTrainer):
             self.network = torch.compile(self.network)
         self.optimizer, self.lr_scheduler = self.configure_optimizers()
         if self.is_ddp:
-            from torch.nn.parallel import DistributedDataParallel
-
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.network = DistributedDataParallel(self.network, device_ids=ids)
         self.loss = self.build_loss()
