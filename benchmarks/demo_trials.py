@@ -1,9 +1,8 @@
 """Recipe trials for ``mednext demo``: the demo's training with changed settings, each repeated, at a
 fixed number of iterations, scored on the held-out patient.
 
-The demo's default run buys about 475 iterations (19 epochs of 25) on a quiet 2-core CPU; a GPU runs
-the same iterations in about a minute, so recipe questions can be answered with several repeats each.
-Only the hardware differs from the demo: the data, plans, trainer, predictor and scoring are the demo's
+A GPU runs the iterations that the demo's default budget buys on a small CPU in far less time, so
+recipe questions can be answered with several repeats each. Only the hardware differs from the demo: the data, plans, trainer, predictor and scoring are the demo's
 own (:func:`mednext.demo.run.prepare_data`, :func:`~mednext.demo.run.train_mednext`,
 :func:`mednext.pipeline.predict.predict`, :func:`~mednext.demo.run.score`).
 
@@ -33,6 +32,8 @@ import time
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
+
+from mednext.files import atomic_write_text, resolve_device
 
 ENGINE_DIRS = ("nnUNet_raw", "nnUNet_preprocessed")
 
@@ -114,10 +115,9 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     use_workdir(workdir)
     from mednext.demo.run import score, train_mednext
     from mednext.pipeline.predict import predict
-    from mednext.pipeline.trainer import pick_device
 
     torch.set_num_threads(int(spec["threads"]))
-    device = pick_device(spec["device"])
+    device = resolve_device(spec["device"])
     settings = _settings(workdir, spec["device"], spec["epochs"], spec["options"])
     start = time.perf_counter()
     trainer = train_mednext(settings, spec["dataset"], device, 1e9)
@@ -145,9 +145,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         "predict_s": round(predict_s, 1),
         "final_pseudo_dice": [round(float(v), 4) for v in trainer.logger.get_checkpoint().get("mean_fg_dice", [])][-1:],
     }
-    tmp = workdir / ".result.json"
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, workdir / "result.json")
+    atomic_write_text(workdir / "result.json", json.dumps(result, indent=1))
     return result
 
 
@@ -269,10 +267,11 @@ def write_summary(folder: Path, results: list[dict[str, Any]], dataset_json: Pat
     folder.mkdir(parents=True, exist_ok=True)
     classes = [c for c in json.loads(dataset_json.read_text())["labels"] if c != "background"]
     table = summarise(sorted(results, key=lambda r: r["repeat"]), classes) if results else "(no trial finished)"
-    (folder / "trials.json").write_text(json.dumps(results, indent=1))
-    (folder / "trials.md").write_text(
+    atomic_write_text(folder / "trials.json", json.dumps(results, indent=1))
+    atomic_write_text(
+        folder / "trials.md",
         f"device {args.device}, {args.epochs} epochs of 25 iterations unless the variant says otherwise, "
-        f"{seconds:.0f} s in all\n\n{table}\n"
+        f"{seconds:.0f} s in all\n\n{table}\n",
     )
     return table
 

@@ -78,7 +78,7 @@ def test_context_dataset_class_stacks_loaded_cases() -> None:
 
     assert context_dataset_class(Base, 0) is Base
     cls = context_dataset_class(Base, 1)
-    assert issubclass(cls, Base) and cls.context_slices == 1
+    assert cls.base is Base and cls.transform.context_slices == 1
     data, seg, prev, props = cls().load_case("a")
     assert data.shape == (3, 3, 2, 2) and seg.shape == (1, 3, 2, 2) and prev is None and props == {"id": "a"}
     assert data[:, 1, 0, 0].tolist() == [0, 1, 2] and data[:, 0, 0, 0].tolist() == [0, 0, 1]

@@ -19,7 +19,7 @@ import pytest
 
 sitk = pytest.importorskip("SimpleITK")
 
-from mednext.cli import UserError  # noqa: E402
+from mednext import config  # noqa: E402
 from mednext.demo import data as demo_data  # noqa: E402
 from mednext.demo.data import (  # noqa: E402
     DEFAULT_LABEL_GROUPS,
@@ -37,6 +37,7 @@ from mednext.demo.data import (  # noqa: E402
     resolve_label_groups,
     same_geometry,
 )
+from mednext.errors import UserError  # noqa: E402
 
 EXPECTED_LABELS = {"background": 0, "liver": 1, "spleen": 2, "stomach": 3, "aorta": 4, "kidney": 5}
 
@@ -129,8 +130,8 @@ def test_second_call_uses_the_cache_without_network(
     monkeypatch.setattr(subprocess, "run", no_subprocess)
     before = sorted(p.relative_to(example_root) for p in example_root.rglob("*"))
     assert fetch_example_scans(example_root.parent, quiet=True) == example_root
-    monkeypatch.setenv("MEDNEXT_CACHE", str(example_root.parent))
-    assert fetch_example_scans(quiet=True) == example_root
+    with config.override(cache_dir=example_root.parent):  # as MEDNEXT_CACHE would
+        assert fetch_example_scans(quiet=True) == example_root
     assert sorted(p.relative_to(example_root) for p in example_root.rglob("*")) == before
 
 
@@ -147,11 +148,13 @@ def test_unreachable_registry_and_empty_cache_give_a_clear_error(tmp_path: Path,
     assert list(cache.iterdir()) == []  # nothing half-written left behind
 
 
-def test_env_var_chooses_the_cache_folder(tmp_path: Path, unreachable_registry: None, monkeypatch) -> None:
-    monkeypatch.setenv("MEDNEXT_CACHE", str(tmp_path / "from_env"))
-    assert demo_data.default_cache_dir() == tmp_path / "from_env"
-    with pytest.raises(ExampleScansUnavailable, match="from_env"):
-        fetch_example_scans(quiet=True)
+def test_env_var_chooses_the_cache_folder(tmp_path: Path, unreachable_registry: None) -> None:
+    chosen = tmp_path / "from_env"
+    assert config.from_environment({"MEDNEXT_CACHE": str(chosen)}).cache_dir == chosen
+    with config.override(cache_dir=chosen):
+        assert demo_data.default_cache_dir() == chosen
+        with pytest.raises(ExampleScansUnavailable, match="from_env"):
+            fetch_example_scans(quiet=True)
 
 
 def test_incomplete_cache_is_not_trusted(tmp_path: Path, unreachable_registry: None) -> None:

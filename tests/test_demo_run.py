@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from mednext import config
 from mednext.demo import trainer as demo_trainer
 from mednext.demo.run import DemoSettings, dice_table, run_demo, set_ct_window
 from mednext.demo.trainer import SOFT_TISSUE_HU, TimeBudgetMixin, simulate_contrast_enhancement
+from mednext.pipeline import trainer as pipeline_trainer
 from mednext.pipeline.body import body_bbox
 
 LABELS = {"background": 0, "liver": 1, "spleen": 2, "stomach": 3, "aorta": 4, "kidney": 5}
@@ -99,6 +102,8 @@ class _Scheduler:
 class _FakeEngine:
     """The engine hooks the budget loop calls; each training step costs 2 s, validation 1 s per epoch."""
 
+    local_rank = 0
+
     def __init__(self, clock: _Clock) -> None:
         self.clock = clock
         self.current_epoch = 0
@@ -157,7 +162,7 @@ def test_time_budget_sets_epochs_and_schedule(
     monkeypatch, budget: float, cap: int | None, epochs: int, last: int
 ) -> None:
     clock = _Clock()
-    monkeypatch.setattr(demo_trainer.time, "perf_counter", clock.perf_counter)
+    monkeypatch.setattr(time, "perf_counter", clock.perf_counter)
     t = _BudgetedFake(clock)
     t.budget_s, t.max_epochs = budget, cap
     t.run_training()
@@ -178,15 +183,12 @@ def test_time_budget_sets_epochs_and_schedule(
 def test_time_budget_keeps_freed_memory_on_the_cpu(monkeypatch, device: str, env: str | None, kept: bool) -> None:
     # like `mednext train`: the budgeted loop (MedNeXt and the engine's U-Net alike) runs inside
     # mednext.memory.reuse_freed_memory on the CPU, around the steps only
-    if env is None:
-        monkeypatch.delenv("MEDNEXT_KEEP_FREED_MEMORY", raising=False)
-    else:
-        monkeypatch.setenv("MEDNEXT_KEEP_FREED_MEMORY", env)
+    config.set_keep_freed_memory(env is None)  # as MEDNEXT_KEEP_FREED_MEMORY unset or =0
     clock = _Clock()
-    monkeypatch.setattr(demo_trainer.time, "perf_counter", clock.perf_counter)
+    monkeypatch.setattr(time, "perf_counter", clock.perf_counter)
     t = _BudgetedFake(clock)
     t.budget_s, t.max_epochs, t.device = 30.0, None, torch.device(device)
-    original = demo_trainer.reuse_freed_memory
+    original = pipeline_trainer.reuse_freed_memory
 
     @contextlib.contextmanager
     def recording(enable: bool = True):
@@ -195,7 +197,7 @@ def test_time_budget_keeps_freed_memory_on_the_cpu(monkeypatch, device: str, env
             yield
         t.events.append("released")
 
-    monkeypatch.setattr(demo_trainer, "reuse_freed_memory", recording)
+    monkeypatch.setattr(pipeline_trainer, "reuse_freed_memory", recording)
     t.run_training()
     assert t.events == ["start", f"keep={kept}", "released", "end"]
 
@@ -207,8 +209,9 @@ def test_demo_trainer_limits_rotation_and_turns_mirroring_off() -> None:
     import math
     from types import SimpleNamespace
 
-    cls = demo_trainer.demo_trainer_class("S", 3, 60.0, show_progress=False, context_slices=2)
-    assert cls.__name__ == "MedNeXtTrainer_Sk3_demo" and cls.context_slices == 2
+    cls = demo_trainer.demo_trainer_class("S", 3)
+    assert cls.__name__ == "MedNeXtTrainer_Sk3_demo" and cls.preset == "S" and cls.kernel_size == 3
+    assert demo_trainer.demo_trainer_class("b", 5).__name__ == "MedNeXtTrainer_Bk5_demo"
     t = object.__new__(cls)
     t.print_to_log_file = lambda *args, **kwargs: None
     t.configuration_manager = SimpleNamespace(patch_size=[112, 128])
@@ -222,10 +225,10 @@ def test_demo_trainer_limits_rotation_and_turns_mirroring_off() -> None:
     assert rotation == pytest.approx((-math.pi, math.pi)) and mirror == (1,)
 
 
-def test_demo_trainer_optimizer_and_batch_size_overrides() -> None:
+def test_demo_trainer_optimizer_and_batch_size_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
     from types import SimpleNamespace
 
-    cls = demo_trainer.demo_trainer_class("S", 3, 60.0, show_progress=False)
+    cls = demo_trainer.demo_trainer_class("S", 3)
     t = object.__new__(cls)
     t.network = torch.nn.Linear(3, 2)
     t.initial_lr, t.weight_decay, t.adam_eps, t.num_epochs = 1e-3, 3e-5, 1e-4, 19
@@ -240,11 +243,16 @@ def test_demo_trainer_optimizer_and_batch_size_overrides() -> None:
     t.optimizer_name = "adam"
     with pytest.raises(ValueError, match="optimizer_name 'adam'"):
         t.configure_optimizers()
-    t.is_ddp, t.configuration_manager = False, SimpleNamespace(batch_size=5)
-    t._set_batch_size_and_oversample()
-    assert t.batch_size == 5
+
+    def pipeline_initialize(self) -> None:  # the parts of MedNeXtTrainer.initialize the demo builds on
+        self.batch_size = self.configuration_manager.batch_size
+
+    monkeypatch.setattr(pipeline_trainer.MedNeXtTrainer, "initialize", pipeline_initialize)
+    t.configuration_manager = SimpleNamespace(batch_size=5)
+    t.initialize()
+    assert t.batch_size == 5 and t.oversample_foreground_percent == t.foreground_share
     t.batch_size_override = 12
-    t._set_batch_size_and_oversample()
+    t.initialize()
     assert t.batch_size == 12
 
 

@@ -23,21 +23,24 @@ from synthetic_data import make_dataset, write_image  # noqa: E402
 
 SHAPE_3D = (8, 16, 16)  # spacing (2, 1, 1) mm: the engine plans an (8, 16, 16) patch
 SHAPE_2D = (48, 48)
-N_PROC = "nnUNet_def_n_proc"  # the engine's worker-process count
 FAST = ["--device", "cpu", "--num-workers", "0", "--quiet"]
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    # each test's working folder is its own: drop folders a previous test pointed the engine at
-    from mednext.pipeline import workdir
+@contextlib.contextmanager
+def _one_process() -> Iterator[None]:
+    """The engine's process settings for a test: one preprocessing process, no torch.compile."""
+    from mednext.pipeline.workdir import COMPILE, DEFAULT_PROCESSES, engine_setting
 
-    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        if var in workdir._SET_HERE:
-            monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv(N_PROC, "1")
-    monkeypatch.setenv("nnUNet_compile", "0")
-    torch.set_num_threads(1)  # oversubscribed OpenMP threads slow CPU training by up to 10x on shared runners
+    with engine_setting(DEFAULT_PROCESSES, 1), engine_setting(COMPILE, 0):
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _engine_settings() -> Iterator[None]:
+    # each test's working folder is its own: tests/conftest.py resets the engine's folders
+    with _one_process():
+        torch.set_num_threads(1)  # oversubscribed OpenMP threads slow CPU training on shared runners
+        yield
 
 
 def _plan(root: Path, dataset: Path | str, *extra: str) -> None:
@@ -52,12 +55,7 @@ def _results(root: Path, dataset: str, trainer: str, plans: str, config: str) ->
 def planned_3d(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     root = tmp_path_factory.mktemp("p3d")
     src = make_dataset(root / "src", 901, "Synth", spatial_dims=3, num_cases=5, shape=SHAPE_3D, seed=1)
-    from mednext.pipeline import workdir
-
-    with pytest.MonkeyPatch.context() as mp:
-        for var in list(workdir._SET_HERE):
-            mp.delenv(var, raising=False)
-        mp.setenv(N_PROC, "1")
+    with _one_process():
         _plan(root, src, "--configs", "3d_fullres")
     yield root
 
@@ -431,7 +429,7 @@ def test_torchrun_two_gloo_processes_keep_replicas_identical(planned_3d: Path, t
     shutil.copytree(planned_3d / "work" / "nnUNet_preprocessed", work / "nnUNet_preprocessed", symlinks=True)
     shutil.copytree(planned_3d / "work" / "nnUNet_raw", work / "nnUNet_raw", symlinks=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_")}
-    env.update({"nnUNet_def_n_proc": "1", "OMP_NUM_THREADS": "1", "nnUNet_compile": "0"})
+    env.update({"nnUNet_def_n_proc": "1", "OMP_NUM_THREADS": "1", "nnUNet_compile": "0"})  # the child's environment
     import socket
 
     with socket.socket() as sock:

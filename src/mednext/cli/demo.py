@@ -29,7 +29,7 @@ def _context(text: str) -> int:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="train MedNeXt on an example CT and segment another patient (about 20 min on a 2-core CPU)",
+        help="train MedNeXt on an example CT and segment another patient (15 minutes of training by default)",
         description="Fetch TotalSegmentator's two example CT scans (cached after the first run), train a 2D "
         "MedNeXt on one patient's liver, spleen, stomach, aorta and kidneys through the normal nnU-Net v2 "
         "pipeline for a fixed time, segment the other patient from its DICOM series, and write Dice scores, "
@@ -38,7 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("mednext_demo"), help="output folder (default ./mednext_demo)")
     p.add_argument(
         "--minutes", type=_minutes, default=None, help="training time budget in minutes (default 15; set-up and "
-        "prediction add about 2-4 min on a 2-core CPU)",
+        "prediction come on top)",
     )  # fmt: skip
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
     p.add_argument("--model", choices=("S", "B", "M", "L"), type=str.upper, default="S", help="preset (default S)")

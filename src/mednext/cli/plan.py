@@ -34,13 +34,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from mednext.pipeline.planning import plan_dataset
+    from mednext.pipeline.runner import PlanSettings, plan
     from mednext.pipeline.workdir import use_workdir
 
     dirs = use_workdir(args.workdir)
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     start = time.perf_counter()
-    plans = plan_dataset(args.dataset, args.recipe, configs, args.memory_gb, args.num_processes)
+    plans = plan(PlanSettings(args.dataset, args.recipe, configs, args.memory_gb, args.num_processes))
     name = plans["mednext_dataset_name"]
     print(f"\nplanned {name} with recipe {args.recipe} ({plans['plans_name']}) in {time.perf_counter() - start:.0f} s")
     for cfg in configs:

@@ -65,31 +65,32 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     from mednext.pipeline.ddp import shutdown_distributed
-    from mednext.pipeline.trainer import train_fold
+    from mednext.pipeline.runner import TrainSettings, train
     from mednext.pipeline.workdir import use_workdir
 
     use_workdir(args.workdir)
+    settings = TrainSettings(
+        args.dataset,
+        configuration=args.config,
+        fold=args.fold,
+        preset=args.model,
+        kernel=args.kernel,
+        device=args.device,
+        epochs=args.epochs,
+        iters_per_epoch=args.iters_per_epoch,
+        val_iters=args.val_iters,
+        resume=args.resume,
+        bf16=args.bf16,
+        num_workers=args.num_workers,
+        recipe=args.recipe,
+        validate=not args.no_val,
+        pretrained=getattr(args, "pretrained", None),
+        upkern_from=getattr(args, "upkern_from", None),
+        show_progress=not args.quiet,
+    )
     start = time.perf_counter()
     try:
-        trainer = train_fold(
-            args.dataset,
-            configuration=args.config,
-            fold=args.fold,
-            preset=args.model,
-            kernel=args.kernel,
-            device=args.device,
-            epochs=args.epochs,
-            iters_per_epoch=args.iters_per_epoch,
-            val_iters=args.val_iters,
-            resume=args.resume,
-            bf16=args.bf16,
-            num_workers=args.num_workers,
-            recipe=args.recipe,
-            validate=not args.no_val,
-            pretrained=getattr(args, "pretrained", None),
-            upkern_from=getattr(args, "upkern_from", None),
-            show_progress=not args.quiet,
-        )
+        trainer = train(settings)
     finally:
         shutdown_distributed()
     if trainer.local_rank == 0:

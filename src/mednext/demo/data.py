@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
+from mednext import config
 from mednext.errors import ExampleScansUnavailable
 
 if TYPE_CHECKING:
@@ -139,13 +140,9 @@ class DemoDataset:
 
 
 def default_cache_dir() -> Path:
-    """``$MEDNEXT_CACHE`` if set, else ``$XDG_CACHE_HOME/mednext`` (``~/.cache/mednext``)."""
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "mednext"
+    """Where the example scans are cached: :attr:`mednext.config.Settings.cache_dir`
+    (``$MEDNEXT_CACHE`` if set, else ``$XDG_CACHE_HOME/mednext``, i.e. ``~/.cache/mednext``)."""
+    return config.get().cache_dir
 
 
 def fetch_example_scans(

@@ -3,20 +3,22 @@
 The run goes through the same code as a user's own training:
 
 1. :func:`mednext.demo.data.prepare_demo_dataset` writes the nnU-Net v2 raw dataset Dataset990.
-2. :func:`mednext.pipeline.planning.plan_dataset` fingerprints, plans (``auto`` recipe, ``2d``) and
+2. :func:`mednext.pipeline.runner.plan` fingerprints, plans (``auto`` recipe, ``2d``) and
    preprocesses it; the demo then widens the plans' CT window (:func:`set_ct_window`) and
    preprocesses again with the engine.
-3. The pipeline's fold runner trains :class:`mednext.demo.trainer.MedNeXtDemoTrainer` (the
+3. :func:`mednext.pipeline.runner.train` trains :class:`mednext.demo.trainer.MedNeXtDemoTrainer` (the
    reference recipe plus a time budget and a contrast-enhancement augmentation) on fold ``all``.
 4. :func:`mednext.pipeline.predict.predict` segments the held-out patient from its DICOM series.
 5. :func:`mednext.pipeline.evaluate.evaluate_case` scores it against the reference label.
 
 Outputs in ``out``: ``metrics.json``, ``segmentation.nii.gz``, ``overlay_axial.png``,
-``overlay_coronal.png``, ``training_curve.png``. See docs/demo.md for the choices and measurements.
+``overlay_coronal.png``, ``training_curve.png``. See docs/demo.md for the choices.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -29,13 +31,27 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+from mednext.demo.data import prepare_demo_dataset
+from mednext.demo.trainer import MedNeXtDemoTrainer, demo_trainer_class, nnUNetTrainer_demoBudget
+from mednext.files import atomic_write, atomic_write_text, resolve_device
+from mednext.pipeline.datasets import dataset_id_of
+from mednext.pipeline.evaluate import LabelSet, evaluate_case
+from mednext.pipeline.io import InputCase
+from mednext.pipeline.planning import RECIPES
+from mednext.pipeline.predict import predict, predict_case
+from mednext.pipeline.runner import PlanSettings, TrainSettings, find_plans, plan, results_folder_of, train
+from mednext.pipeline.workdir import AUGMENTATION_WORKERS, engine_setting, preprocessed_folder, use_workdir
 
 CONFIGURATION = "2d"
 FOLD = "all"
-DEFAULT_MINUTES = 15.0  # training budget; set-up, prediction and scoring add about 2-4 min on 2 CPU cores
-CT_WINDOW_HU = (-200.0, 250.0)  # replaces the fingerprint's [-171, 79]: enhanced organs stay below 250 HU
+DEFAULT_MINUTES = 15.0  # training budget; set-up, prediction and scoring come on top
+CT_WINDOW_HU = (-200.0, 250.0)  # wider than the fingerprint's window: enhanced organs stay inside it
 NNUNET_PLANS = "nnUNetPlans"
-CONTEXT_SLICES = 2  # 2.5D: two slices (6 mm) on either side; measured in docs/demo.md
+CONTEXT_SLICES = 2  # 2.5D: two slices on either side (the choice is explained in docs/demo.md)
 TRAINER_OVERRIDES = frozenset(
     {"rotation_degrees", "mirror_axes", "optimizer_name", "batch_size_override", "foreground_share",
      "enhancement_probability", "fov_padding"}
@@ -63,7 +79,7 @@ class DemoSettings:
     crop_body: bool = True  # predict inside the held-out patient's body box (mednext.pipeline.body), both models
     cache_dir: Path | None = None
     show_progress: bool = True
-    # experiments (benchmarks/demo_trials.py): class attributes of the demo trainer to override, e.g.
+    # experiments (benchmarks/demo_trials.py): attributes of the demo trainer to override, e.g.
     # {"rotation_degrees": 180, "optimizer_name": "sgd", "foreground_share": 0.33, "batch_size_override": 12}
     trainer_overrides: dict[str, Any] | None = None
 
@@ -85,19 +101,6 @@ class ModelResult:
 
 def _say(message: str, start: float) -> None:
     print(f"[{time.perf_counter() - start:6.0f} s] {message}", flush=True)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _none_if_nan(value: float) -> float | None:
@@ -124,15 +127,12 @@ def set_ct_window(plans_path: Path, window: tuple[float, float]) -> dict:
     )
     for channel in props.values():
         channel["percentile_00_5"], channel["percentile_99_5"] = low, high
-    _atomic_write_text(plans_path, json.dumps(plans, indent=1))
+    atomic_write_text(plans_path, json.dumps(plans, indent=1))
     return plans
 
 
 def _quiet_call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Run an engine step with its verbose stdout captured (printed only if it fails)."""
-    import contextlib
-    import io
-
     buffer = io.StringIO()
     try:
         with contextlib.redirect_stdout(buffer):
@@ -156,63 +156,47 @@ def _trainer_logs(trainer: Any) -> dict[str, list[float]]:
     }
 
 
-def _cpu_workers() -> Callable[[], None]:
-    """On CPU the engine's single-threaded augmenter (0 workers), as ``mednext train`` does."""
-    from mednext.pipeline.trainer import N_PROC_DA
-
-    previous = os.environ.get(N_PROC_DA)
-    os.environ[N_PROC_DA] = "0"
-
-    def restore() -> None:
-        if previous is None:
-            os.environ.pop(N_PROC_DA, None)
-        else:
-            os.environ[N_PROC_DA] = previous
-
-    return restore
-
-
-def train_mednext(settings: DemoSettings, dataset_name: str, device: Any, budget_s: float) -> Any:
-    """Train the demo MedNeXt on fold ``all`` through the pipeline's fold runner; returns the trainer."""
-    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_results
-
-    from mednext.demo.trainer import demo_trainer_class
-    from mednext.pipeline.trainer import _run_fold, find_plans
-
-    cls = demo_trainer_class(
-        settings.model, settings.kernel, budget_s, settings.show_progress, context_slices=settings.context_slices
-    )
-    cls.max_epochs = settings.max_epochs
-    if not settings.enhance:
-        cls.enhancement_probability = 0.0
-    for key, value in (settings.trainer_overrides or {}).items():
+def train_mednext(settings: DemoSettings, dataset_name: str, device: Any, budget_s: float) -> MedNeXtDemoTrainer:
+    """Train the demo MedNeXt on fold ``all`` through the pipeline's runner; returns the trainer."""
+    overrides = dict(settings.trainer_overrides or {})
+    for key in overrides:
         if key not in TRAINER_OVERRIDES:
             raise ValueError(f"trainer override {key!r}: choose from {', '.join(sorted(TRAINER_OVERRIDES))}")
-        setattr(cls, key, tuple(value) if isinstance(value, list) else value)
+    cls = demo_trainer_class(settings.model, settings.kernel)
+
+    def prepare(trainer: MedNeXtDemoTrainer) -> None:
+        trainer.budget_s = float(budget_s)
+        trainer.max_epochs = settings.max_epochs
+        if not settings.enhance:
+            trainer.enhancement_probability = 0.0
+        for key, value in overrides.items():
+            setattr(trainer, key, tuple(value) if isinstance(value, list) else value)
+
     plans_id = find_plans(dataset_name, "auto")
-    base = Path(str(nnUNet_preprocessed)) / dataset_name
-    plans = json.loads((base / f"{plans_id}.json").read_text())
     # the demo's own results folder is rebuilt on every run
-    shutil.rmtree(Path(str(nnUNet_results)) / dataset_name / f"{cls.__name__}__{plans_id}__{CONFIGURATION}",
-                  ignore_errors=True)  # fmt: skip
-    epochs = settings.max_epochs or cls.provisional_epochs
-    restore = _cpu_workers() if device.type == "cpu" else (lambda: None)
-    try:
-        return _run_fold(
-            dataset_name, plans, plans_id, base, cls, CONFIGURATION, FOLD, device, epochs,
-            settings.iters_per_epoch, settings.val_iters, False, False, False, None, None, settings.show_progress,
-        )  # fmt: skip
-    finally:
-        restore()
+    shutil.rmtree(results_folder_of(cls, dataset_name, plans_id, CONFIGURATION), ignore_errors=True)
+    return train(
+        TrainSettings(
+            dataset_name,
+            configuration=CONFIGURATION,
+            fold=FOLD,
+            device=device,
+            epochs=settings.max_epochs or cls.provisional_epochs,
+            iters_per_epoch=settings.iters_per_epoch,
+            val_iters=settings.val_iters,
+            num_workers=0 if device.type == "cpu" else None,  # the engine's single-threaded augmenter on CPU
+            recipe="auto",
+            validate=False,
+            show_progress=settings.show_progress,
+            context_slices=settings.context_slices,
+            trainer_class=cls,
+            prepare_trainer=prepare,
+        )
+    )
 
 
 def plan_nnunet(dataset_name: str) -> dict:
     """nnU-Net's own default planner (``nnUNetPlans``) and preprocessing, 2d only."""
-    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
-
-    from mednext.pipeline.datasets import dataset_id_of
-
     dataset_id = dataset_id_of(dataset_name)
     planner = ExperimentPlanner(dataset_id, gpu_memory_target_in_gb=8, plans_name=NNUNET_PLANS)
     plans = _quiet_call(planner.plan_experiment)
@@ -220,44 +204,30 @@ def plan_nnunet(dataset_name: str) -> dict:
     return plans
 
 
-def train_nnunet(settings: DemoSettings, dataset_name: str, device: Any, budget_s: float) -> Any:
+def train_nnunet(settings: DemoSettings, dataset_name: str, device: Any, budget_s: float) -> nnUNetTrainer_demoBudget:
     """The engine's default 2d U-Net and recipe on fold ``all`` under the same budget."""
-    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_results
-
-    from mednext.demo.trainer import nnunet_budget_trainer_class
-
-    cls = nnunet_budget_trainer_class(budget_s, settings.show_progress)
-    cls.max_epochs = settings.max_epochs
-    base = Path(str(nnUNet_preprocessed)) / dataset_name
+    cls = nnUNetTrainer_demoBudget
+    base = preprocessed_folder() / dataset_name
     plans = json.loads((base / f"{NNUNET_PLANS}.json").read_text())
     plans["continue_training"] = False  # nnunetv2 2.8 reads (and pops) this key
     dataset_json = json.loads((base / "dataset.json").read_text())
-    shutil.rmtree(Path(str(nnUNet_results)) / dataset_name / f"{cls.__name__}__{NNUNET_PLANS}__{CONFIGURATION}",
-                  ignore_errors=True)  # fmt: skip
-    restore = _cpu_workers() if device.type == "cpu" else (lambda: None)
-    try:
+    shutil.rmtree(results_folder_of(cls, dataset_name, NNUNET_PLANS, CONFIGURATION), ignore_errors=True)
+    with engine_setting(AUGMENTATION_WORKERS, 0 if device.type == "cpu" else None):
         trainer = _quiet_call(cls, plans=plans, configuration=CONFIGURATION, fold=FOLD, dataset_json=dataset_json,
                               device=device)  # fmt: skip
+        trainer.budget_s = float(budget_s)
+        trainer.max_epochs = settings.max_epochs
+        trainer.show_progress = settings.show_progress
         trainer.num_epochs = settings.max_epochs or cls.provisional_epochs
         trainer.save_every = 1
         trainer.num_iterations_per_epoch = settings.iters_per_epoch
         trainer.num_val_iterations_per_epoch = max(1, settings.val_iters)
         trainer.run_training()
-    finally:
-        restore()
     return trainer
 
 
 def predict_nnunet(trainer: Any, image: Path, output: Path, tta: bool, crop_body: bool = False) -> Path:
     """Segment ``image`` with the freshly trained nnU-Net network (the engine's predictor)."""
-    import contextlib
-    import io
-
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
-    from mednext.pipeline.io import InputCase
-    from mednext.pipeline.predict import predict_case
-
     trainer.set_deep_supervision_enabled(False)
     network = trainer.network
     network.eval()
@@ -293,8 +263,6 @@ def predict_nnunet(trainer: Any, image: Path, output: Path, tta: bool, crop_body
 
 def score(prediction: Path, reference: Path, dataset_json: Path) -> tuple[dict, dict, dict]:
     """Dice, NSD (2 mm) and voxel counts per class; None where prediction and reference are both empty."""
-    from mednext.pipeline.evaluate import LabelSet, evaluate_case
-
     result = evaluate_case(prediction, reference, LabelSet.from_dataset_json(dataset_json))
     dice = {k: _none_if_nan(v["dice"]) for k, v in result.metrics.items()}
     nsd = {k: _none_if_nan(v["nsd"]) for k, v in result.metrics.items()}
@@ -337,15 +305,7 @@ def _read_array(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
 
 
 def _save_figure(fig: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
 
 
 def save_overlays(
@@ -470,9 +430,6 @@ def prepare_data(
     """Steps 1 and 2 of the demo: the raw dataset under ``raw_root``, then the engine's planning and
     preprocessing (the CT window of ``settings`` applied). Returns the dataset description, the plans
     and the 2d configuration; adds ``data_s`` and ``plan_s`` to ``timings``."""
-    from mednext.demo.data import prepare_demo_dataset
-    from mednext.pipeline.planning import plan_dataset
-
     _say("1/5 example scans -> nnU-Net raw dataset", start)
     t = time.perf_counter()
     info = prepare_demo_dataset(raw_root, cache_dir=settings.cache_dir)
@@ -480,15 +437,10 @@ def prepare_data(
 
     _say(f"2/5 planning and preprocessing {info.dataset_name} ({CONFIGURATION}, recipe auto)", start)
     t = time.perf_counter()
-    plans = _quiet_call(plan_dataset, info.dataset_dir, recipe="auto", configs=[CONFIGURATION], num_processes=1)
+    plans = _quiet_call(plan, PlanSettings(info.dataset_dir, recipe="auto", configs=[CONFIGURATION], num_processes=1))
     name = plans["mednext_dataset_name"]
     if settings.ct_window is not None:
-        from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
-        from nnunetv2.paths import nnUNet_preprocessed
-
-        from mednext.pipeline.planning import RECIPES
-
-        plans_path = Path(str(nnUNet_preprocessed)) / name / f"{RECIPES['auto']}.json"
+        plans_path = preprocessed_folder() / name / f"{RECIPES['auto']}.json"
         old = plans["foreground_intensity_properties_per_channel"]["0"]
         set_ct_window(plans_path, settings.ct_window)
         _say(
@@ -508,16 +460,13 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     """Run the whole demo and return what ``metrics.json`` holds."""
     import torch
 
-    from mednext.pipeline.predict import predict
-    from mednext.pipeline.trainer import pick_device
-    from mednext.pipeline.workdir import use_workdir
-
     start = time.perf_counter()
     if settings.minutes <= 0:
         raise ValueError(f"--minutes {settings.minutes}: give a positive number of training minutes")
     if settings.compare not in (None, "nnunet"):
         raise ValueError(f"--compare {settings.compare!r}: the only comparison is 'nnunet'")
-    device = pick_device(settings.device if settings.device else ("cuda" if torch.cuda.is_available() else "cpu"))
+    # no MPS: the demo runs on CUDA or the CPU
+    device = resolve_device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = Path(settings.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
     workdir = Path(settings.workdir if settings.workdir is not None else out / "work").absolute()
@@ -650,7 +599,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
             "seconds_per_iteration": round(r.seconds_per_iteration, 3),
             "segmentation": str(r.segmentation),
         }
-    _atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
 
     table = dice_table({r.name: r.dice for r in results.values()})
     print()

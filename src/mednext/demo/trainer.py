@@ -1,8 +1,8 @@
 """Trainers for ``mednext demo``: a wall-clock budget and a contrast-enhancement augmentation.
 
-* :class:`TimeBudgetMixin` replaces the engine's fixed epoch loop by one that fits a time budget.
-  The first epoch runs with a provisional epoch count; after every epoch the measured duration of
-  the last epoch sets how many epochs are left (``floor(remaining / epoch_time)``), and the poly
+* :class:`TimeBudgetMixin` makes the pipeline's epoch loop (:class:`~mednext.pipeline.trainer.EpochLoop`)
+  fit a time budget. The first epoch runs with a provisional epoch count; after every epoch the
+  duration of the last epoch sets how many epochs are left (``floor(remaining / epoch_time)``), and the poly
   learning-rate schedule is re-targeted to that total, so the schedule ends (learning rate near 0)
   when the budget ends. When no full epoch fits any more, a shorter last epoch takes as many
   iterations as fit (at least ``min_last_epoch_iterations``); when an epoch overruns the budget,
@@ -11,32 +11,32 @@
   by random amounts in Hounsfield units, so a network trained on a non-contrast CT sees organs as
   bright as on a contrast-enhanced (portal-venous) CT. The demo trainer applies it to each training
   volume as it is loaded (:func:`enhanced_dataset_class`), before the engine's augmentation, on the
-  training labels, clipped to the plans' CT window.
+  training labels, clipped to the plans' CT window; :func:`padded_dataset_class` pads it with air.
 * :class:`MedNeXtDemoTrainer` is the pipeline's :class:`~mednext.pipeline.trainer.MedNeXtTrainer`
   (the reference recipe) with both, in-plane rotation limited to +-15 degrees and no mirroring (the
   demo's scans share one orientation), and optionally neighbouring slices as input channels
-  (``context_slices``, :mod:`mednext.pipeline.context`); :class:`NnUNetBudgetTrainer` is the engine's
-  own ``nnUNetTrainer`` (its recipe unchanged) with the time budget only, for ``--compare nnunet``.
+  (``context_slices``, :mod:`mednext.pipeline.context`), written out per preset and kernel
+  (``MedNeXtTrainer_Sk3_demo`` ...); :class:`nnUNetTrainer_demoBudget` is the engine's own
+  ``nnUNetTrainer`` (its recipe unchanged) with the time budget only, for ``--compare nnunet``.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
 from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from mednext.memory import keeps_freed_memory, reuse_freed_memory
-from mednext.pipeline.context import context_dataset_class
-from mednext.pipeline.trainer import MedNeXtTrainer, trainer_class_name
+from mednext.pipeline.datasets import TransformedDatasetClass
+from mednext.pipeline.trainer import EpochLoop, EpochTiming, MedNeXtTrainer, trainer_class_name
 
-# Enhancement ranges (HU added, drawn uniformly from [0, max]) per demo label name. The held-out
-# patient's organs are brighter than the training patient's by about: liver +45, spleen +47,
-# aorta +135 HU (docs/demo-data.md); the ranges cover these with margin. "background" applies to
+# Enhancement ranges (HU added, drawn uniformly from [0, max]) per demo label name: they cover, with
+# margin, how much brighter the held-out patient's organs are (docs/demo-data.md). "background" applies to
 # background soft tissue (muscle, vessels, bowel wall), not to fat, air or bone.
 ENHANCEMENT_HU: dict[str, float] = {
     "liver": 80.0,
@@ -86,129 +86,92 @@ def simulate_contrast_enhancement(
     return ((hu - mean) / std).to(data.dtype)
 
 
-class TimeBudgetMixin:
-    """An epoch loop that fits ``budget_s`` seconds of training (see the module docstring)."""
+class TimeBudgetMixin(EpochLoop):
+    """The epoch loop fitted to ``budget_s`` seconds of training (see the module docstring).
+
+    Mixed in before the trainer: ``class T(TimeBudgetMixin, nnUNetTrainer)``. Set ``budget_s``,
+    ``max_epochs`` and ``show_progress`` on the trainer before training."""
 
     budget_s: float = 600.0
     provisional_epochs: int = 1000
     max_epochs: int | None = None  # optional cap on top of the budget
     min_last_epoch_iterations = 3  # a shorter last epoch uses the budget's rest if this many iterations fit
-    show_progress: bool = True
 
     def print_to_log_file(self, *args: object, also_print_to_console: bool = True, add_timestamp: bool = True) -> None:
         # the engine's log file keeps everything; the terminal gets the demo's own progress lines
         super().print_to_log_file(*args, also_print_to_console=False, add_timestamp=add_timestamp)
 
-    def run_training(self) -> None:
+    def before_epochs(self) -> None:
         self.num_epochs = max(self.num_epochs, self.current_epoch + 1)
-        self.on_train_start()
-        # As in `mednext train` (MedNeXtTrainer.run_training): on the CPU freed memory stays in the
-        # process between steps (mednext.memory), for the MedNeXt run and the engine's U-Net alike.
-        with reuse_freed_memory(keeps_freed_memory(self.device)):
-            self._run_budgeted_epochs()
-        self.on_train_end()
-
-    def _run_budgeted_epochs(self) -> None:  # noqa: C901 (one loop, the engine's hooks in order)
-        from tqdm import tqdm
-
-        start = time.perf_counter()
         self.budget_log: list[dict[str, float]] = []
         self.iterations_done = 0
-        while self.current_epoch < self.num_epochs:
-            epoch_start = time.perf_counter()
-            self.on_epoch_start()
-            self.on_train_epoch_start()
-            outputs = []
-            bar = tqdm(
-                total=self.num_iterations_per_epoch,
-                desc=f"epoch {self.current_epoch + 1}/{self.num_epochs}",
-                leave=False,
-                dynamic_ncols=True,
-                disable=not self.show_progress,
+
+    def progress_note(self, iteration: int, train_seconds: float, loop_seconds: float) -> str:
+        return f"budget left {max(0.0, self.budget_s - loop_seconds):.0f} s"
+
+    def after_epoch(self, timing: EpochTiming) -> None:
+        remaining = self.budget_s - timing.elapsed
+        more = int(remaining // timing.seconds) if remaining > 0 else 0
+        short = 0  # iterations of a shorter last epoch that fits what is left of the budget
+        if more == 0 and remaining > 0:
+            per_iteration = timing.train_seconds / timing.iterations
+            short = int((remaining - (timing.seconds - timing.train_seconds)) // per_iteration)
+            more = 1 if short >= self.min_last_epoch_iterations else 0
+        self.num_epochs = self.current_epoch + more
+        if self.max_epochs is not None:
+            self.num_epochs = min(self.num_epochs, self.max_epochs)
+            more = self.num_epochs - self.current_epoch
+        if more == 1 and short:
+            self.num_iterations_per_epoch = min(short, self.num_iterations_per_epoch)
+        if more > 0:
+            self.lr_scheduler.max_steps = self.num_epochs  # poly schedule ends with the budget
+        self.budget_log.append(
+            {
+                "epoch": self.current_epoch,
+                "epoch_time_s": timing.seconds,
+                "elapsed_s": timing.elapsed,
+                "iterations": timing.iterations,
+                "planned_epochs": self.num_epochs,
+            }
+        )
+        if self.show_progress:
+            print(
+                f"  epoch {self.current_epoch}: {timing.seconds:.1f} s "
+                f"({timing.seconds / timing.iterations:.2f} s/iteration incl. validation), "
+                f"loss {float(self.logger.get_value('train_losses', step=-1)):.4f}, "
+                f"{timing.elapsed:.0f}/{self.budget_s:.0f} s used -> {self.num_epochs} epochs in all",
+                flush=True,
             )
-            for _ in range(self.num_iterations_per_epoch):
-                outputs.append(self.train_step(next(self.dataloader_train)))
-                left = max(0.0, self.budget_s - (time.perf_counter() - start))
-                bar.set_postfix_str(f"loss {float(outputs[-1]['loss']):.4f} budget left {left:.0f} s", refresh=False)
-                bar.update(1)
-            bar.close()
-            iterations = self.num_iterations_per_epoch
-            self.iterations_done += iterations
-            per_iteration = (time.perf_counter() - epoch_start) / iterations
-            self.on_train_epoch_end(outputs)
-            with torch.no_grad():
-                self.on_validation_epoch_start()
-                val = [
-                    self.validation_step(next(self.dataloader_val)) for _ in range(self.num_val_iterations_per_epoch)
-                ]
-                self.on_validation_epoch_end(val)
-            self.on_epoch_end()  # increments current_epoch
-            now = time.perf_counter()
-            epoch_time = now - epoch_start
-            remaining = self.budget_s - (now - start)
-            more = int(remaining // epoch_time) if remaining > 0 else 0
-            short = 0  # iterations of a shorter last epoch that fits what is left of the budget
-            if more == 0 and remaining > 0:
-                short = int((remaining - (epoch_time - iterations * per_iteration)) // per_iteration)
-                more = 1 if short >= self.min_last_epoch_iterations else 0
-            self.num_epochs = self.current_epoch + more
-            if self.max_epochs is not None:
-                self.num_epochs = min(self.num_epochs, self.max_epochs)
-                more = self.num_epochs - self.current_epoch
-            if more == 1 and short:
-                self.num_iterations_per_epoch = min(short, self.num_iterations_per_epoch)
-            if more > 0:
-                self.lr_scheduler.max_steps = self.num_epochs  # poly schedule ends with the budget
-            self.budget_log.append(
-                {
-                    "epoch": self.current_epoch,
-                    "epoch_time_s": epoch_time,
-                    "elapsed_s": now - start,
-                    "iterations": iterations,
-                    "planned_epochs": self.num_epochs,
-                }
-            )
-            if self.show_progress:
-                print(
-                    f"  epoch {self.current_epoch}: {epoch_time:.1f} s "
-                    f"({epoch_time / iterations:.2f} s/iteration incl. validation), "
-                    f"loss {float(self.logger.get_value('train_losses', step=-1)):.4f}, "
-                    f"{now - start:.0f}/{self.budget_s:.0f} s used -> {self.num_epochs} epochs in all",
-                    flush=True,
-                )
 
 
 class MedNeXtDemoTrainer(TimeBudgetMixin, MedNeXtTrainer):
-    """MedNeXt's reference recipe, time-budgeted, with the contrast-enhancement augmentation."""
+    """MedNeXt's reference recipe, time-budgeted, with the contrast-enhancement augmentation.
+
+    Use a concrete subclass (``MedNeXtTrainer_Sk3_demo`` ...) or :func:`demo_trainer_class`; the
+    attributes below are the demo's settings and may be changed on an instance before it is
+    initialised."""
 
     enhancement_probability = 0.8
-    foreground_share = 0.6  # the engine's 0.33: 61 of the 112 training slices hold no organ
+    foreground_share = 0.6  # the engine's 0.33: most of the training patient's slices hold no organ
 
     rotation_degrees = 15.0  # the engine: +-180 degrees in 2D when the patch is near square
     mirror_axes: tuple[int, ...] | None = None  # the engine: every axis
     optimizer_name = "adamw"  # the reference recipe; "sgd": the engine's SGD (lr 1e-2, Nesterov momentum 0.99)
-    fov_padding = 40  # pad each volume in-plane with air, 0..40 voxels (120 mm at 3 mm) per side, at random
+    fov_padding = 40  # pad each volume in-plane with air, 0..40 voxels per side, at random
     batch_size_override: int | None = None  # None: the plans' batch size
-
-    def _set_batch_size_and_oversample(self) -> None:
-        super()._set_batch_size_and_oversample()
-        if self.batch_size_override is not None:
-            self.batch_size = int(self.batch_size_override)
 
     def configure_optimizers(self) -> tuple:
         if self.optimizer_name == "adamw":
             return super().configure_optimizers()
         if self.optimizer_name != "sgd":
             raise ValueError(f"optimizer_name {self.optimizer_name!r}: use 'adamw' or 'sgd'")
-        from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
-
         self.initial_lr = 1e-2
         optimizer = torch.optim.SGD(
             self.network.parameters(), self.initial_lr, weight_decay=self.weight_decay, momentum=0.99, nesterov=True
         )
         return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
 
-    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self) -> tuple:
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self) -> tuple:  # noqa: N802 (the engine's name)
         """The engine's spatial augmentation, with in-plane rotation limited to +-``rotation_degrees`` and
         mirroring only along ``mirror_axes`` (none by default).
 
@@ -230,53 +193,51 @@ class MedNeXtDemoTrainer(TimeBudgetMixin, MedNeXtTrainer):
     def initialize(self) -> None:
         self.oversample_foreground_percent = self.foreground_share
         super().initialize()
-        if self.enhancement_probability > 0 or self.fov_padding > 0:
-            from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+        if self.batch_size_override is not None:
+            self.batch_size = int(self.batch_size_override)
 
-            # enhance (and pad) the whole volume as it is loaded, before the context slices are stacked and
-            # before the engine's augmentation: every slice of a sample gets the same shift per organ
-            base = infer_dataset_class(self.preprocessed_dataset_folder)
-            if self.enhancement_probability > 0:
-                base = enhanced_dataset_class(base, self)
-            if self.fov_padding > 0:
-                base = padded_dataset_class(base, self)
-            self.dataset_class = context_dataset_class(base, self.context_slices)
+    def training_dataset_class(self, engine_class: Any) -> Any:
+        """The engine's dataset class with its cases enhanced and padded as they are loaded (the whole
+        volume, so every slice of a sample gets the same shift per organ), before the context slices
+        are stacked and before the engine's augmentation."""
+        base = engine_class
+        if self.enhancement_probability > 0:
+            base = enhanced_dataset_class(base, self)
+        if self.fov_padding > 0:
+            base = padded_dataset_class(base, self)
+        return super().training_dataset_class(base)
 
 
-def enhanced_dataset_class(base: type, trainer: MedNeXtDemoTrainer) -> type:
-    """A subclass of the engine's dataset class whose cases are passed through
-    :func:`simulate_contrast_enhancement` (with the trainer's plans, labels and probability)."""
-    props = trainer.plans_manager.foreground_intensity_properties_per_channel["0"]
-    window = (float(props["percentile_00_5"]), float(props["percentile_99_5"]))
-    mean, std = float(props["mean"]), float(props["std"])
-    labels = dict(trainer.dataset_json["labels"])
-    probability = float(trainer.enhancement_probability)
+class ContrastEnhancement:
+    """A case transform: :func:`simulate_contrast_enhancement` of the whole loaded volume."""
 
-    def load_case(self: object, identifier: str) -> tuple:
-        data, seg, seg_prev, properties = base.load_case(self, identifier)
+    def __init__(
+        self, labels: Mapping[str, int], mean: float, std: float, window: tuple[float, float], probability: float
+    ) -> None:
+        self.labels, self.mean, self.std, self.window, self.probability = dict(labels), mean, std, window, probability
+
+    def __call__(self, data: Any, seg: Any, seg_prev: Any, properties: dict) -> tuple:
         image = torch.from_numpy(np.asarray(data, dtype=np.float32))[None]
         target = torch.from_numpy(np.asarray(seg).astype(np.int16))[None]
-        image = simulate_contrast_enhancement(image, target, labels, mean, std, window, probability=probability)
+        image = simulate_contrast_enhancement(
+            image, target, self.labels, self.mean, self.std, self.window, probability=self.probability
+        )
         return image[0].numpy(), seg, seg_prev, properties
 
-    return type(f"{base.__name__}_enhanced", (base,), {"load_case": load_case})
 
+class FieldOfViewPadding:
+    """A case transform: pad the volume in-plane (the last two axes) with ``air`` and background, by
+    random amounts from 0 to ``max_padding`` voxels per side, shifting the foreground locations the
+    engine samples patches around."""
 
-def padded_dataset_class(base: type, trainer: MedNeXtDemoTrainer) -> type:
-    """A subclass of the engine's dataset class that pads each loaded case in-plane (the last two axes)
-    with air (the CT window's lower end, normalised) and background, by random amounts from 0 to
-    ``trainer.fov_padding`` voxels per side, and shifts the foreground locations the engine samples
-    patches around: the network sees the body at other positions and with air around it."""
-    props = trainer.plans_manager.foreground_intensity_properties_per_channel["0"]
-    air = (float(props["percentile_00_5"]) - float(props["mean"])) / float(props["std"])
-    top = int(trainer.fov_padding)
+    def __init__(self, air: float, max_padding: int) -> None:
+        self.air, self.max_padding = air, max_padding
 
-    def load_case(self: object, identifier: str) -> tuple:
-        data, seg, seg_prev, properties = base.load_case(self, identifier)
+    def __call__(self, data: Any, seg: Any, seg_prev: Any, properties: dict) -> tuple:
         rng = np.random.default_rng()
-        (y0, y1), (x0, x1) = rng.integers(0, top + 1, size=(2, 2))
+        (y0, y1), (x0, x1) = rng.integers(0, self.max_padding + 1, size=(2, 2))
         pad = [(0, 0)] * (np.ndim(data) - 2) + [(int(y0), int(y1)), (int(x0), int(x1))]
-        data = np.pad(np.asarray(data, dtype=np.float32), pad, constant_values=air)
+        data = np.pad(np.asarray(data, dtype=np.float32), pad, constant_values=self.air)
         seg = np.pad(np.asarray(seg), pad, constant_values=0)
         properties = dict(properties)
         locations = {}
@@ -289,32 +250,109 @@ def padded_dataset_class(base: type, trainer: MedNeXtDemoTrainer) -> type:
         properties["class_locations"] = locations
         return data, seg, seg_prev, properties
 
-    return type(f"{base.__name__}_padded", (base,), {"load_case": load_case})
+
+def enhanced_dataset_class(base: Any, trainer: Any) -> TransformedDatasetClass:
+    """The engine's dataset class ``base`` with its cases passed through
+    :func:`simulate_contrast_enhancement` (with the trainer's plans, labels and probability)."""
+    props = trainer.plans_manager.foreground_intensity_properties_per_channel["0"]
+    window = (float(props["percentile_00_5"]), float(props["percentile_99_5"]))
+    mean, std = float(props["mean"]), float(props["std"])
+    labels = dict(trainer.dataset_json["labels"])
+    return TransformedDatasetClass(
+        base, ContrastEnhancement(labels, mean, std, window, float(trainer.enhancement_probability))
+    )
 
 
-class NnUNetBudgetTrainer(TimeBudgetMixin, nnUNetTrainer):
+def padded_dataset_class(base: Any, trainer: Any) -> TransformedDatasetClass:
+    """The engine's dataset class ``base`` with each case padded in-plane with air (the CT window's
+    lower end, normalised) by 0 to ``trainer.fov_padding`` voxels per side (:class:`FieldOfViewPadding`):
+    the network sees the body at other positions and with air around it."""
+    props = trainer.plans_manager.foreground_intensity_properties_per_channel["0"]
+    air = (float(props["percentile_00_5"]) - float(props["mean"])) / float(props["std"])
+    return TransformedDatasetClass(base, FieldOfViewPadding(air, int(trainer.fov_padding)))
+
+
+class nnUNetTrainer_demoBudget(TimeBudgetMixin, nnUNetTrainer):  # noqa: N801 (nnU-Net's trainer naming)
     """The engine's default trainer and recipe, time-budgeted (``--compare nnunet``)."""
 
 
-def demo_trainer_class(
-    preset: str, kernel: int, budget_s: float, show_progress: bool = True, context_slices: int = 0
-) -> type:
-    """A :class:`MedNeXtDemoTrainer` subclass for ``preset``/``kernel`` with ``budget_s`` seconds.
+class MedNeXtTrainer_Sk3_demo(MedNeXtDemoTrainer):  # noqa: N801
+    """The demo's MedNeXt S, kernel 3."""
 
-    Its name, ``MedNeXtTrainer_<P>k<K>_demo``, keeps the pipeline's naming, so ``mednext predict``
-    finds the results folder by ``--model``/``--kernel``."""
-    base = trainer_class_name(preset.upper(), int(kernel))
-    attrs = {
-        "preset": preset.upper(),
-        "kernel_size": int(kernel),
-        "budget_s": float(budget_s),
-        "show_progress": show_progress,
-        "context_slices": int(context_slices),
-        "__module__": __name__,
-    }
-    return type(f"{base}_demo", (MedNeXtDemoTrainer,), attrs)
+    preset = "S"
+    kernel_size = 3
 
 
-def nnunet_budget_trainer_class(budget_s: float, show_progress: bool = True) -> type:
-    attrs = {"budget_s": float(budget_s), "show_progress": show_progress, "__module__": __name__}
-    return type("nnUNetTrainer_demoBudget", (NnUNetBudgetTrainer,), attrs)
+class MedNeXtTrainer_Sk5_demo(MedNeXtDemoTrainer):  # noqa: N801
+    """The demo's MedNeXt S, kernel 5."""
+
+    preset = "S"
+    kernel_size = 5
+
+
+class MedNeXtTrainer_Bk3_demo(MedNeXtDemoTrainer):  # noqa: N801
+    """The demo's MedNeXt B, kernel 3."""
+
+    preset = "B"
+    kernel_size = 3
+
+
+class MedNeXtTrainer_Bk5_demo(MedNeXtDemoTrainer):  # noqa: N801
+    """The demo's MedNeXt B, kernel 5."""
+
+    preset = "B"
+    kernel_size = 5
+
+
+class MedNeXtTrainer_Mk3_demo(MedNeXtDemoTrainer):  # noqa: N801
+    """The demo's MedNeXt M, kernel 3."""
+
+    preset = "M"
+    kernel_size = 3
+
+
+class MedNeXtTrainer_Mk5_demo(MedNeXtDemoTrainer):  # noqa: N801
+    """The demo's MedNeXt M, kernel 5."""
+
+    preset = "M"
+    kernel_size = 5
+
+
+class MedNeXtTrainer_Lk3_demo(MedNeXtDemoTrainer):  # noqa: N801
+    """The demo's MedNeXt L, kernel 3."""
+
+    preset = "L"
+    kernel_size = 3
+
+
+class MedNeXtTrainer_Lk5_demo(MedNeXtDemoTrainer):  # noqa: N801
+    """The demo's MedNeXt L, kernel 5."""
+
+    preset = "L"
+    kernel_size = 5
+
+
+DEMO_TRAINERS: dict[str, type[MedNeXtDemoTrainer]] = {
+    cls.__name__: cls
+    for cls in (
+        MedNeXtTrainer_Sk3_demo,
+        MedNeXtTrainer_Sk5_demo,
+        MedNeXtTrainer_Bk3_demo,
+        MedNeXtTrainer_Bk5_demo,
+        MedNeXtTrainer_Mk3_demo,
+        MedNeXtTrainer_Mk5_demo,
+        MedNeXtTrainer_Lk3_demo,
+        MedNeXtTrainer_Lk5_demo,
+    )
+}
+
+
+def demo_trainer_class(preset: str, kernel: int) -> type[MedNeXtDemoTrainer]:
+    """The demo trainer of ``preset``/``kernel``. Its name, ``MedNeXtTrainer_<P>k<K>_demo``, keeps the
+    pipeline's naming, so ``mednext predict`` finds the results folder by ``--model``/``--kernel``."""
+    name = f"{trainer_class_name(preset, kernel)}_demo"
+    if name not in DEMO_TRAINERS:
+        raise ValueError(
+            f"no demo trainer for model {preset!r} kernel {kernel!r}; use --model S|B|M|L and --kernel 3|5"
+        )
+    return DEMO_TRAINERS[name]

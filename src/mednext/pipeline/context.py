@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from mednext.pipeline.datasets import TransformedDatasetClass
+
 CONTEXT_KEY = "mednext_context_slices"
 
 
@@ -76,16 +78,26 @@ def stack_neighbour_slices(data: np.ndarray | torch.Tensor, k: int) -> np.ndarra
     return out.reshape(c * (2 * k + 1), *data.shape[1:])
 
 
-def context_dataset_class(base: type, k: int) -> type:
-    """A subclass of the engine's dataset class ``base`` whose cases come with stacked neighbours."""
+class StackNeighbours:
+    """A case transform (:data:`~mednext.pipeline.datasets.CaseTransform`) that stacks each slice's
+    ``context_slices`` neighbours on either side as channels."""
+
+    def __init__(self, context_slices: int) -> None:
+        self.context_slices = context_slices
+
+    def __call__(self, data: Any, seg: Any, seg_prev: Any, properties: dict) -> tuple:
+        return stack_neighbour_slices(np.asarray(data), self.context_slices), seg, seg_prev, properties
+
+    def __repr__(self) -> str:
+        return f"StackNeighbours({self.context_slices})"
+
+
+def context_dataset_class(base: Any, k: int) -> Any:
+    """The engine's dataset class ``base``, or with ``k`` context slices a stand-in for it whose cases
+    come with stacked neighbours."""
     if k == 0:
         return base
-
-    def load_case(self: Any, identifier: str) -> tuple:
-        data, seg, seg_prev, properties = base.load_case(self, identifier)
-        return stack_neighbour_slices(np.asarray(data), k), seg, seg_prev, properties
-
-    return type(f"{base.__name__}_context{k}", (base,), {"load_case": load_case, "context_slices": k})
+    return TransformedDatasetClass(base, StackNeighbours(k))
 
 
 def synchronise_channels(transform: Any) -> Any:

@@ -1,5 +1,6 @@
 """nnU-Net v2 raw datasets: register a folder in the working folder, resolve names and ids, and
-check a raw dataset before the engine sees it.
+check a raw dataset before the engine sees it; and wrappers of the engine's preprocessed datasets
+whose loaded cases pass through a function (:class:`TransformedDatasetClass`).
 
 The engine's own checks are asserts deep in multiprocessing workers; these run first and say which
 file is wrong and how to fix it. Everything raised here is a :class:`DatasetError` (a ValueError),
@@ -12,12 +13,15 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from mednext.errors import DatasetError
+from mednext.pipeline.workdir import preprocessed_folder, raw_folder, results_folder
 
 DATASET_NAME = re.compile(r"^Dataset(\d{3})_([A-Za-z0-9_\-]+)$")
 FIRST_FREE_ID = 900  # ids chosen for folders without a DatasetXXX_ prefix start here (nnU-Net reserves lower ones)
@@ -50,23 +54,16 @@ def dataset_id_of(name: str) -> int:
     return int(m.group(1))
 
 
-def _raw_root() -> Path:
-    from nnunetv2.paths import nnUNet_raw
-
-    if not nnUNet_raw:
-        raise DatasetError("nnUNet_raw is not set; call mednext.pipeline.workdir.use_workdir() first")
-    return Path(str(nnUNet_raw))
-
-
 def _known_names() -> list[str]:
     """Dataset names found in the raw and preprocessed folders (and results when set)."""
-    from nnunetv2 import paths
-
     names: set[str] = set()
-    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        root = getattr(paths, var, None)
-        if root and os.path.isdir(str(root)):
-            names.update(d for d in os.listdir(str(root)) if DATASET_NAME.match(d))
+    for folder in (raw_folder, preprocessed_folder, results_folder):
+        try:
+            root = folder()
+        except DatasetError:  # that folder is not set
+            continue
+        if root.is_dir():
+            names.update(d.name for d in root.iterdir() if DATASET_NAME.match(d.name))
     return sorted(names)
 
 
@@ -103,7 +100,7 @@ def register_dataset(path: str | os.PathLike, dataset_id: int | None = None) -> 
     src = Path(path).expanduser().resolve()
     if not src.is_dir():
         raise DatasetError(f"{src} is not a folder; pass the dataset folder that holds dataset.json and imagesTr/")
-    raw = _raw_root()
+    raw = raw_folder()
     m = DATASET_NAME.match(src.name)
     if m and dataset_id is None:
         name = src.name
@@ -408,3 +405,52 @@ def validate_raw_dataset(folder: str | os.PathLike, check_labels: bool = True) -
         cases=cases,
         spatial_dims=dims,
     )
+
+
+# ----------------------------------------------------------------------------- training-time case transforms
+
+
+CaseTransform = Callable[[Any, Any, Any, dict], tuple]
+"""A function of a loaded case ``(data, seg, seg_prev, properties)`` returning a new one."""
+
+
+class TransformedDataset:
+    """One of the engine's datasets whose ``load_case`` passes each case through ``transform``;
+    everything else is the wrapped dataset's."""
+
+    def __init__(self, dataset: Any, transform: CaseTransform) -> None:
+        self.dataset = dataset
+        self.transform = transform
+
+    def load_case(self, identifier: str) -> tuple:
+        return self.transform(*self.dataset.load_case(identifier))
+
+    def __getitem__(self, identifier: str) -> tuple:
+        return self.load_case(identifier)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("dataset", "transform"):  # unpickling looks these up first
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+class TransformedDatasetClass:
+    """Stands in for the engine's dataset class (a trainer's ``dataset_class``): the datasets it makes
+    pass their loaded cases through ``transform``; its static methods (``get_identifiers``,
+    ``unpack_dataset``, ``save_case``) are those of ``base``. Stand-ins nest: the innermost
+    transform runs first."""
+
+    def __init__(self, base: Any, transform: CaseTransform) -> None:
+        self.base = base
+        self.transform = transform
+
+    def __call__(self, *args: Any, **kwargs: Any) -> TransformedDataset:
+        return TransformedDataset(self.base(*args, **kwargs), self.transform)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("base", "transform"):
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.base!r}, {self.transform!r})"

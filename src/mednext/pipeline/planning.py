@@ -1,10 +1,10 @@
-"""MedNeXt planners on top of nnU-Net v2's ExperimentPlanner, and ``plan_dataset`` (register, check,
-fingerprint, plan, preprocess).
+"""MedNeXt planners on top of nnU-Net v2's ExperimentPlanner (:func:`mednext.pipeline.runner.plan`
+runs them on a dataset).
 
 Two recipes:
 
 * ``auto`` (plans ``MedNeXtPlans``): the engine's data-driven target spacing and patch shape, but
-  the memory budget is divided by MedNeXt's measured activation memory relative to the engine's own
+  the memory budget is divided by MedNeXt's traced activation memory relative to the engine's own
   U-Net (see :func:`memory_ratio`), so patch and batch fit MedNeXt, not the U-Net the engine's
   constants were calibrated for. The network keeps the paper's four stages; each stage's stride per
   axis is the engine's (so anisotropic data down-samples the coarse axis later), and every patch
@@ -22,15 +22,13 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 
-from mednext.pipeline.datasets import DatasetError, dataset_id_of, register_dataset, resolve_dataset
+from mednext.pipeline.workdir import AUGMENTATION_WORKERS, augmentation_workers, engine_setting
 
 NUM_STAGES = 4  # the paper's presets have 2*4+1 per-position settings
 NETWORK_CLASS = "mednext.nn.MedNeXt"
@@ -123,8 +121,8 @@ def memory_ratio(spatial_dims: int, preset: str = SIZING_PRESET) -> float:
     """MedNeXt's activation memory divided by that of the engine's default U-Net at the same patch
     (float32, both with four stride-2 stages), traced on the ``meta`` device at a probe patch.
 
-    Activation memory of both networks is proportional to the number of voxels (the ratio changes by
-    <3% from 32^3 to 128^3), so it holds for any patch. The engine's memory constants are calibrated
+    Activation memory of both networks is proportional to the number of voxels, so the ratio holds
+    for any patch. The engine's memory constants are calibrated
     for its U-Net; dividing its memory target by this ratio makes its patch/batch search fit MedNeXt."""
     import torch
     from dynamic_network_architectures.architectures.unet import PlainConvUNet
@@ -173,16 +171,10 @@ class MedNeXtPlanner(ExperimentPlanner):
     @staticmethod
     def static_estimate_VRAM_usage(*args: Any, **kwargs: Any) -> float:  # noqa: N802 (the engine's name)
         # the engine sets torch's thread count to its augmentation-worker count, which may be 0
-        # (nnUNet_n_proc_DA=0 is valid for training); at least one thread for the estimate
-        var = "nnUNet_n_proc_DA"
-        old = os.environ.get(var)
-        if old is not None and int(old) < 1:
-            os.environ[var] = "1"
-        try:
+        # (valid for training); at least one thread for the estimate
+        workers = augmentation_workers()
+        with engine_setting(AUGMENTATION_WORKERS, 1 if workers is not None and workers < 1 else None):
             return ExperimentPlanner.static_estimate_VRAM_usage(*args, **kwargs)
-        finally:
-            if old is not None:
-                os.environ[var] = old
 
     def get_plans_for_configuration(
         self,
@@ -194,7 +186,7 @@ class MedNeXtPlanner(ExperimentPlanner):
     ) -> dict:
         dims = len(spacing)
         ratio = memory_ratio(dims)
-        # the engine sizes patch and batch for its U-Net; a budget divided by MedNeXt's measured
+        # the engine sizes patch and batch for its U-Net; a budget divided by MedNeXt's traced
         # memory ratio makes the same search size them for MedNeXt
         self.UNet_vram_target_GB = self.memory_target_gb / ratio
         try:
@@ -262,57 +254,3 @@ def _check_divisible(patch: Sequence[int], strides: Sequence[Sequence[int]]) -> 
     div = total_stride(strides)
     if any(int(p) % d for p, d in zip(patch, div)):
         raise RuntimeError(f"planned patch {list(patch)} is not divisible by the network's total stride {div}")
-
-
-def default_num_processes() -> int:
-    env = os.environ.get("nnUNet_def_n_proc")  # noqa: SIM112 (the engine's own variable)
-    return int(env) if env else max(1, min(8, os.cpu_count() or 1))
-
-
-def plan_dataset(
-    dataset: str | os.PathLike | int,
-    recipe: str = "auto",
-    configs: Sequence[str] = SUPPORTED_CONFIGS,
-    memory_gb: float = 8.0,
-    num_processes: int | None = None,
-    verbose: bool = False,
-) -> dict[str, Any]:
-    """Register (if a path), check, fingerprint, plan and preprocess a dataset; return the plans.
-
-    The working folders must be set (``use_workdir``). ``configs`` not possible for the data (3D on a
-    2D dataset) are skipped with a note in ``plans['mednext_skipped']``."""
-    from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
-    from nnunetv2.paths import nnUNet_raw
-
-    if recipe not in PLANNERS:
-        raise DatasetError(f"unknown recipe {recipe!r}; use one of {', '.join(PLANNERS)}")
-    bad = [c for c in configs if c not in SUPPORTED_CONFIGS]
-    if bad or not configs:
-        raise DatasetError(f"unknown configuration(s) {bad or configs}; use {', '.join(SUPPORTED_CONFIGS)}")
-    if memory_gb <= 0:
-        raise DatasetError(f"--memory-gb must be positive, got {memory_gb}")
-    from mednext.pipeline.datasets import validate_raw_dataset
-
-    spec = str(dataset)
-    if (os.path.isdir(spec) and (Path(spec) / "dataset.json").exists()) or os.sep in spec:
-        info = validate_raw_dataset(spec)  # check the user's folder before linking it anywhere
-        name = register_dataset(spec)
-    else:
-        name = resolve_dataset(spec)
-        info = validate_raw_dataset(Path(str(nnUNet_raw)) / name)
-    nproc = num_processes or default_num_processes()
-    dataset_id = dataset_id_of(name)
-    DatasetFingerprintExtractor(dataset_id, nproc, verbose=verbose).run(overwrite_existing=True)
-    planner = PLANNERS[recipe](dataset_id, gpu_memory_target_in_gb=memory_gb)
-    plans = planner.plan_experiment()
-    available = [c for c in configs if c in plans["configurations"]]
-    skipped = [c for c in configs if c not in available]
-    if not available:
-        raise DatasetError(
-            f"{name} is a {info.spatial_dims}D dataset: none of {list(configs)} can be planned for it; use --configs 2d"
-        )
-    preprocess_dataset(dataset_id, planner.plans_identifier, available, [nproc] * len(available), verbose=verbose)
-    plans["mednext_skipped"] = skipped
-    plans["mednext_dataset_name"] = name
-    return plans

@@ -2,9 +2,9 @@
 
 What differs from the engine's trainer, and nothing else:
 
-* network: :class:`mednext.nn.MedNeXt`, preset and kernel from the class name
-  (``MedNeXtTrainer_Sk3`` ... ``MedNeXtTrainer_Lk5``); the plans handed to the engine (and copied to
-  the results folder) describe exactly that network;
+* network: :class:`mednext.nn.MedNeXt`, preset and kernel from the class (``MedNeXtTrainer_Sk3`` ...
+  ``MedNeXtTrainer_Lk5``); the plans handed to the engine (and copied to the results folder)
+  describe exactly that network;
 * optimiser: AdamW, lr 1e-3, weight decay 3e-5, eps 1e-4, poly decay (0.9) per epoch; gradient
   clipping at norm 12;
 * loss: Dice (batch Dice, background excluded) + cross-entropy on all five deep-supervision outputs,
@@ -12,8 +12,17 @@ What differs from the engine's trainer, and nothing else:
 * precision: float16 autocast with gradient scaling on CUDA, bfloat16 autocast without scaling when
   ``bf16`` is set, float32 elsewhere;
 * DDP: the process's local rank picks the GPU (the engine uses the global rank); gloo on CPU;
-* checkpoints: written every epoch to a temporary file then renamed, with plain Python values only
-  so that ``torch.load(..., weights_only=True)`` reads them; a JSON log per epoch; a progress bar.
+* ``torch.compile`` only when the user asks for it (``nnUNet_compile=1``) and only on CUDA;
+* checkpoints: written every epoch whole or not at all, with plain Python values only so that
+  ``torch.load(..., weights_only=True)`` reads them; a JSON log per epoch; a progress bar.
+
+The epoch loop is :class:`EpochLoop`, shared with the demo's time-budgeted trainers: the engine's
+hooks in the engine's order, plus a progress bar, the CPU memory policy and one hook after each
+epoch (:meth:`EpochLoop.after_epoch`) that may change how many epochs are left.
+
+Engine names that are private but still overridden here (no public hook exists):
+``_get_deep_supervision_scales``, because the engine derives the scales from its U-Net's stride list
+(stem first, last output unused) in ``get_dataloaders`` and MedNeXt's five outputs need others.
 """
 
 from __future__ import annotations
@@ -21,30 +30,35 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
-from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from torch import distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
+from mednext.files import atomic_write, atomic_write_text
 from mednext.memory import keeps_freed_memory, reuse_freed_memory
+from mednext.nn import MedNeXt, safe_torch_load
 from mednext.pipeline.context import CONTEXT_KEY, check_context_slices, context_dataset_class, synchronise_channels
+from mednext.pipeline.ddp import local_rank_from_env, replica_max_abs_diff
 from mednext.pipeline.planning import architecture_entry, mednext_arch_kwargs
+from mednext.pipeline.workdir import compile_requested
 
 PRESETS = ("S", "B", "M", "L")
 KERNELS = (3, 5)
 DS_WEIGHTS = (1.0, 1 / 2, 1 / 4, 1 / 8, 1 / 16)  # full resolution first, as the reference
 LOG_NAME = "training_log.json"
-N_PROC_DA = "nnUNet_n_proc_DA"  # the engine's variable: data-augmentation worker processes per GPU
 
 
 def trainer_class_name(preset: str, kernel: int) -> str:
@@ -52,14 +66,14 @@ def trainer_class_name(preset: str, kernel: int) -> str:
     return f"MedNeXtTrainer_{preset.upper()}k{int(kernel)}"
 
 
-def _plain(value: Any) -> Any:
+def plain_values(value: Any) -> Any:
     """Numpy scalars/arrays, tuples and devices as plain Python values (for weights_only loading)."""
     if isinstance(value, dict):
-        return {str(k) if not isinstance(k, (str, int)) else k: _plain(v) for k, v in value.items()}
+        return {str(k) if not isinstance(k, (str, int)) else k: plain_values(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_plain(v) for v in value]
+        return [plain_values(v) for v in value]
     if isinstance(value, tuple):
-        return tuple(_plain(v) for v in value)
+        return tuple(plain_values(v) for v in value)
     if isinstance(value, np.ndarray):
         return value.tolist()
     if isinstance(value, np.generic):
@@ -69,23 +83,22 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+def _json_safe(value: Any) -> Any:
+    value = plain_values(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _hms(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
 
 
 def with_mednext_architecture(plans: dict, configuration: str, preset: str, kernel: int) -> dict:
@@ -110,9 +123,114 @@ def with_mednext_architecture(plans: dict, configuration: str, preset: str, kern
     return plans
 
 
-class MedNeXtTrainer(nnUNetTrainer):
+# ----------------------------------------------------------------------------- the epoch loop
+
+
+@dataclass(frozen=True)
+class EpochTiming:
+    """How long the epoch that just ended took (seconds, from ``time.perf_counter``)."""
+
+    seconds: float  # the whole epoch: training, validation, checkpoints
+    train_seconds: float  # its training iterations alone
+    iterations: int  # training iterations it ran
+    elapsed: float  # since the loop started
+
+
+class EpochLoop:
+    """The engine's ``run_training`` loop (its hooks in its order) with a progress bar, the CPU memory
+    policy around the steps, an epoch without validation iterations, and :meth:`after_epoch`.
+
+    Mixed into a subclass of ``nnUNetTrainer`` before it: ``class T(EpochLoop, nnUNetTrainer)``."""
+
+    show_progress: bool = True
+    time_per_iteration: float | None = None  # seconds per training iteration in the last epoch
+    iterations_done: int = 0
+
+    def run_training(self) -> None:
+        self.before_epochs()
+        self.on_train_start()
+        # On the CPU freed memory stays in the process between steps (mednext.memory): no page faults
+        # of every large tensor in every step. The data-loading workers, started above, keep glibc's defaults.
+        with reuse_freed_memory(keeps_freed_memory(self.device)):
+            self.run_epochs()
+        self.on_train_end()
+
+    def before_epochs(self) -> None:
+        """Called before ``on_train_start``; a subclass may adjust the run here."""
+
+    def after_epoch(self, timing: EpochTiming) -> None:
+        """Called after ``on_epoch_end`` (``current_epoch`` already counts the finished epoch); a
+        subclass may change ``num_epochs`` (the loop stops once ``current_epoch`` reaches it) and
+        ``num_iterations_per_epoch`` here."""
+
+    def progress_note(self, iteration: int, train_seconds: float, loop_seconds: float) -> str:
+        """The time note of the progress bar after ``iteration`` (0-based) of the current epoch."""
+        per_iteration = train_seconds / (iteration + 1)
+        left = per_iteration * (
+            (self.num_iterations_per_epoch - iteration - 1)
+            + (self.num_epochs - self.current_epoch - 1) * self.num_iterations_per_epoch
+        )
+        return f"left {_hms(left)}"
+
+    def run_epochs(self) -> None:
+        from tqdm import tqdm
+
+        loop_start = time.perf_counter()
+        while self.current_epoch < self.num_epochs:
+            epoch_start = time.perf_counter()
+            self.on_epoch_start()
+            self.on_train_epoch_start()
+            iterations = self.num_iterations_per_epoch
+            bar = tqdm(
+                total=iterations,
+                desc=f"epoch {self.current_epoch + 1}/{self.num_epochs}",
+                disable=not self.show_progress or self.local_rank != 0,
+                leave=False,
+                dynamic_ncols=True,
+            )
+            outputs = []
+            for i in range(iterations):
+                outputs.append(self.train_step(next(self.dataloader_train)))
+                now = time.perf_counter()
+                note = self.progress_note(i, now - epoch_start, now - loop_start)
+                bar.set_postfix_str(f"loss {float(outputs[-1]['loss']):.4f} {note}", refresh=False)
+                bar.update(1)
+            bar.close()
+            train_seconds = time.perf_counter() - epoch_start
+            self.time_per_iteration = train_seconds / max(1, iterations)
+            self.iterations_done += iterations
+            self.on_train_epoch_end(outputs)
+            with torch.no_grad():
+                self.on_validation_epoch_start()
+                val_outputs = [
+                    self.validation_step(next(self.dataloader_val)) for _ in range(self.num_val_iterations_per_epoch)
+                ]
+                if val_outputs:
+                    self.on_validation_epoch_end(val_outputs)
+                else:
+                    self._log_no_validation()
+            self.on_epoch_end()  # increments current_epoch
+            now = time.perf_counter()
+            self.after_epoch(EpochTiming(now - epoch_start, train_seconds, iterations, now - loop_start))
+
+    def _log_no_validation(self) -> None:
+        # no validation iterations: keep the engine's per-epoch log complete
+        for key, value in (("mean_fg_dice", float("nan")), ("val_losses", float("nan"))):
+            self.logger.log(key, value, self.current_epoch)
+        self.logger.log(
+            "dice_per_class_or_region", [float("nan")] * len(self.label_manager.foreground_labels), self.current_epoch
+        )
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+class MedNeXtTrainer(EpochLoop, nnUNetTrainer):
     """nnU-Net v2 trainer for MedNeXt with the reference's recipe. Use a concrete subclass
-    (``MedNeXtTrainer_Sk3`` ...) or :func:`get_trainer_class`."""
+    (``MedNeXtTrainer_Sk3`` ...) or :func:`get_trainer_class`.
+
+    Settings of a run (epochs, iterations, precision, context slices) are given to
+    :meth:`configure_run` between construction and :meth:`initialize`."""
 
     preset = "S"
     kernel_size = 3
@@ -129,14 +247,10 @@ class MedNeXtTrainer(nnUNetTrainer):
         continue_training = plans.get("continue_training", False)
         plans = with_mednext_architecture(plans, configuration, self.preset, self.kernel_size)
         plans["continue_training"] = continue_training
-        if self.context_slices:
-            # recorded in the plans copied to the results folder, so prediction stacks the same slices
-            plans["configurations"][configuration][CONTEXT_KEY] = self.context_slices
         super().__init__(plans, configuration, fold, dataset_json, device)
-        check_context_slices(self.context_slices, self.configuration_manager.patch_size)
         if self.is_ddp:
             # the engine picks cuda:<global rank>, wrong on every node but the first, and CUDA even on CPU
-            local = int(os.environ.get("LOCAL_RANK", "0"))
+            local = local_rank_from_env()
             self.device = torch.device("cuda", local) if device.type == "cuda" else torch.device(device.type)
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
@@ -150,9 +264,9 @@ class MedNeXtTrainer(nnUNetTrainer):
         self.save_every = 1  # an interrupted run loses at most one epoch
         self.bf16 = False
         self.show_progress = True
-        self.time_per_iteration: float | None = None
         self.replica_max_abs_diff: float | None = None  # DDP: checked at the end of training
         self.grad_scaler = self.grad_scaler if self.device.type == "cuda" else None
+        self._record_context_slices(self.context_slices)
 
     # -- run settings (before initialize)
 
@@ -163,7 +277,9 @@ class MedNeXtTrainer(nnUNetTrainer):
         val_iters: int | None = None,
         bf16: bool = False,
         show_progress: bool = True,
+        context_slices: int | None = None,
     ) -> None:
+        """Set the run's length, precision, progress bar and (2D) context slices before :meth:`initialize`."""
         if self.was_initialized:
             raise RuntimeError("configure_run must be called before initialize()")
         for name, value in (("epochs", epochs), ("iters_per_epoch", iters_per_epoch), ("val_iters", val_iters)):
@@ -181,15 +297,26 @@ class MedNeXtTrainer(nnUNetTrainer):
         if self.bf16:
             self.grad_scaler = None  # bfloat16 has float32's range: no loss scaling
         self.show_progress = show_progress
+        if context_slices is not None:
+            self._record_context_slices(context_slices)
+
+    def _record_context_slices(self, context_slices: int) -> None:
+        self.context_slices = check_context_slices(context_slices, self.configuration_manager.patch_size)
+        if self.context_slices:
+            # recorded in the plans copied to the results folder, so prediction stacks the same slices
+            self.plans_manager.plans["configurations"][self.configuration_name][CONTEXT_KEY] = self.context_slices
+            self.configuration_manager.configuration[CONTEXT_KEY] = self.context_slices
 
     # -- network, loss, optimiser
 
     def initialize(self) -> None:
+        """Network, optimiser, loss and dataset class.
+
+        Written out rather than ``super().initialize()`` because the engine's wraps the network in
+        DDP with ``device_ids=[global rank]`` (wrong on every node but the first and on CPU), builds
+        its own loss, and compiles by default; the steps are the engine's, in its order."""
         if self.was_initialized:
             raise RuntimeError("initialize() was already called")
-        from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-        from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-
         self._set_batch_size_and_oversample()
         self.num_input_channels = determine_num_input_channels(
             self.plans_manager, self.configuration_manager, self.dataset_json
@@ -201,20 +328,22 @@ class MedNeXtTrainer(nnUNetTrainer):
             self.label_manager.num_segmentation_heads,
             self.enable_deep_supervision,
         ).to(self.device)
-        if self._do_i_compile():
+        if compile_requested() and self.device.type == "cuda":
+            # opt-in only: compiling MedNeXt is not validated on every torch version
             self.print_to_log_file("Using torch.compile...")
             self.network = torch.compile(self.network)
         self.optimizer, self.lr_scheduler = self.configure_optimizers()
         if self.is_ddp:
-            from torch.nn.parallel import DistributedDataParallel
-
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.network = DistributedDataParallel(self.network, device_ids=ids)
-        self.loss = self._build_loss()
-        self.dataset_class = context_dataset_class(
-            infer_dataset_class(self.preprocessed_dataset_folder), self.context_slices
-        )
+        self.loss = self.build_loss()
+        self.dataset_class = self.training_dataset_class(infer_dataset_class(self.preprocessed_dataset_folder))
         self.was_initialized = True
+
+    def training_dataset_class(self, engine_class: Any) -> Any:
+        """The dataset class to train from, given the engine's: with context slices, a stand-in whose
+        cases come with their neighbouring slices stacked as channels."""
+        return context_dataset_class(engine_class, self.context_slices)
 
     def get_training_transforms(self, *args: Any, **kwargs: Any) -> Any:
         """The engine's training augmentation; with context slices its intensity transforms treat the
@@ -230,8 +359,6 @@ class MedNeXtTrainer(nnUNetTrainer):
         num_output_channels: int,
         enable_deep_supervision: bool = True,
     ) -> torch.nn.Module:
-        from mednext.nn import MedNeXt
-
         arch = configuration_manager.configuration["architecture"]
         kwargs = dict(arch["arch_kwargs"])
         kwargs["deep_supervision"] = True  # heads always built so checkpoints load; switched at run time
@@ -239,26 +366,24 @@ class MedNeXtTrainer(nnUNetTrainer):
         net.set_deep_supervision(enable_deep_supervision)
         return net
 
-    def _do_i_compile(self) -> bool:
-        # opt-in only (nnUNet_compile=1): compiling MedNeXt is not validated on every torch version
-        flag = os.environ.get("nnUNet_compile", "0").lower() in ("1", "true", "t")  # noqa: SIM112
-        return flag and self.device.type == "cuda"
-
-    def _unwrapped(self) -> torch.nn.Module:
-        mod = self.network.module if self.is_ddp else self.network
-        return getattr(mod, "_orig_mod", mod)
+    def unwrapped_network(self) -> torch.nn.Module:
+        """The MedNeXt module without its DDP and ``torch.compile`` wrappers."""
+        module = self.network.module if self.is_ddp else self.network
+        return getattr(module, "_orig_mod", module)
 
     def set_deep_supervision_enabled(self, enabled: bool) -> None:
-        self._unwrapped().set_deep_supervision(enabled)
+        self.unwrapped_network().set_deep_supervision(enabled)
 
     def _get_deep_supervision_scales(self) -> list[list[float]] | None:
+        # private in the engine, no public hook: its version assumes the U-Net's stride list
         if not self.enable_deep_supervision:
             return None
         strides = np.asarray(self.configuration_manager.pool_op_kernel_sizes, dtype=float)
         steps = np.vstack([np.ones((1, strides.shape[1])), strides])
         return [list(map(float, row)) for row in 1 / np.cumprod(steps, axis=0)]
 
-    def _build_loss(self) -> torch.nn.Module:
+    def build_loss(self) -> torch.nn.Module:
+        """Dice + cross-entropy, weighted over the deep-supervision outputs as the reference."""
         if self.label_manager.has_regions:
             raise ValueError("region-based labels are not supported by the MedNeXt trainer; use integer labels")
         loss = DC_and_CE_loss(
@@ -325,68 +450,6 @@ class MedNeXtTrainer(nnUNetTrainer):
         with ctx:
             return super().validation_step(batch)
 
-    # -- loop with a progress bar
-
-    def _progress(self, total: int, epoch: int) -> Any:
-        from tqdm import tqdm
-
-        return tqdm(
-            total=total,
-            desc=f"epoch {epoch + 1}/{self.num_epochs}",
-            disable=not self.show_progress or self.local_rank != 0,
-            leave=False,
-            dynamic_ncols=True,
-        )
-
-    def _batches(self, loader: Any, count: int) -> Iterator[dict]:
-        for _ in range(count):
-            yield next(loader)
-
-    def run_training(self) -> None:
-        self.on_train_start()
-        # On the CPU freed memory stays in the process between steps (mednext.memory): no page faults
-        # of every large tensor in every step. The data-loading workers, started above, keep glibc's defaults.
-        with reuse_freed_memory(keeps_freed_memory(self.device)):
-            self._run_epochs()
-        self.on_train_end()
-
-    def _run_epochs(self) -> None:
-        for epoch in range(self.current_epoch, self.num_epochs):
-            self.on_epoch_start()
-            self.on_train_epoch_start()
-            outputs = []
-            bar = self._progress(self.num_iterations_per_epoch, epoch)
-            start = time.perf_counter()
-            for i, batch in enumerate(self._batches(self.dataloader_train, self.num_iterations_per_epoch)):
-                outputs.append(self.train_step(batch))
-                per_it = (time.perf_counter() - start) / (i + 1)
-                left = per_it * (
-                    (self.num_iterations_per_epoch - i - 1)
-                    + (self.num_epochs - epoch - 1) * self.num_iterations_per_epoch
-                )
-                bar.set_postfix_str(f"loss {float(outputs[-1]['loss']):.4f} left {_hms(left)}", refresh=False)
-                bar.update(1)
-            bar.close()
-            self.time_per_iteration = (time.perf_counter() - start) / max(1, self.num_iterations_per_epoch)
-            self.on_train_epoch_end(outputs)
-            with torch.no_grad():
-                self.on_validation_epoch_start()
-                val_outputs = [
-                    self.validation_step(b)
-                    for b in self._batches(self.dataloader_val, self.num_val_iterations_per_epoch)
-                ]
-                if val_outputs:
-                    self.on_validation_epoch_end(val_outputs)
-                else:  # no validation iterations: keep the engine's per-epoch log complete
-                    for key, value in (("mean_fg_dice", float("nan")), ("val_losses", float("nan"))):
-                        self.logger.log(key, value, self.current_epoch)
-                    self.logger.log(
-                        "dice_per_class_or_region",
-                        [float("nan")] * len(self.label_manager.foreground_labels),
-                        self.current_epoch,
-                    )
-            self.on_epoch_end()
-
     def on_epoch_end(self) -> None:
         super().on_epoch_end()  # increments current_epoch; saves latest/best checkpoints and progress.png
         if self.local_rank == 0:
@@ -402,7 +465,7 @@ class MedNeXtTrainer(nnUNetTrainer):
 
             def at(key: str, e: int = e) -> Any:
                 values = log.get(key, [])
-                return _plain(values[e]) if e < len(values) else None
+                return plain_values(values[e]) if e < len(values) else None
 
             start, end = at("epoch_start_timestamps"), at("epoch_end_timestamps")
             epochs.append(
@@ -448,15 +511,15 @@ class MedNeXtTrainer(nnUNetTrainer):
             self.print_to_log_file("No checkpoint written, checkpointing is disabled")
             return
         checkpoint = {
-            "network_weights": self._unwrapped().state_dict(),
+            "network_weights": self.unwrapped_network().state_dict(),
             "optimizer_state": self.optimizer.state_dict(),
             "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
-            "logging": _plain(self.logger.get_checkpoint()),
-            "_best_ema": _plain(self._best_ema),
+            "logging": plain_values(self.logger.get_checkpoint()),
+            "_best_ema": plain_values(self._best_ema),
             "current_epoch": self.current_epoch + 1,
-            "init_args": _plain(self.my_init_kwargs),
+            "init_args": plain_values(self.my_init_kwargs),
             "trainer_name": self.__class__.__name__,
-            "inference_allowed_mirroring_axes": _plain(self.inference_allowed_mirroring_axes),
+            "inference_allowed_mirroring_axes": plain_values(self.inference_allowed_mirroring_axes),
             "mednext": {
                 "preset": self.preset,
                 "kernel_size": self.kernel_size,
@@ -467,22 +530,22 @@ class MedNeXtTrainer(nnUNetTrainer):
                 "architecture": self.configuration_manager.configuration["architecture"],
             },
         }
-        atomic_torch_save(checkpoint, filename)
+        atomic_write(filename, lambda tmp: torch.save(checkpoint, tmp))
 
     def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
         if not self.was_initialized:
             self.initialize()
-        if isinstance(filename_or_checkpoint, (str, os.PathLike)):
-            checkpoint = torch.load(filename_or_checkpoint, map_location=self.device, weights_only=True)
-        else:
+        if isinstance(filename_or_checkpoint, dict):
             checkpoint = filename_or_checkpoint
+        else:
+            checkpoint = safe_torch_load(filename_or_checkpoint)
         if checkpoint.get("trainer_name") != self.__class__.__name__:
             raise ValueError(
                 f"checkpoint was written by {checkpoint.get('trainer_name')}, not {self.__class__.__name__}; "
                 f"resume with the same --model and --kernel"
             )
         weights = {k.removeprefix("module."): v for k, v in checkpoint["network_weights"].items()}
-        self._unwrapped().load_state_dict(weights)
+        self.unwrapped_network().load_state_dict(weights)
         self.current_epoch = checkpoint["current_epoch"]
         self.logger.load_checkpoint(checkpoint["logging"])
         self._best_ema = checkpoint["_best_ema"]
@@ -494,9 +557,7 @@ class MedNeXtTrainer(nnUNetTrainer):
 
     def on_train_end(self) -> None:
         if self.is_ddp:
-            from mednext.pipeline.ddp import replica_max_abs_diff
-
-            self.replica_max_abs_diff = replica_max_abs_diff(self._unwrapped())
+            self.replica_max_abs_diff = replica_max_abs_diff(self.unwrapped_network())
         super().on_train_end()
         if self.local_rank == 0:
             self.write_json_log()
@@ -504,226 +565,83 @@ class MedNeXtTrainer(nnUNetTrainer):
             dist.barrier()
 
 
-def _json_safe(value: Any) -> Any:
-    value = _plain(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
+# ----------------------------------------------------------------------------- presets and kernels
 
 
-def _hms(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+class MedNeXtTrainer_Sk3(MedNeXtTrainer):  # noqa: N801 (nnU-Net's trainer naming)
+    """MedNeXt S, kernel 3, reference recipe."""
+
+    preset = "S"
+    kernel_size = 3
 
 
-def _make_trainer_classes() -> dict[str, type[MedNeXtTrainer]]:
-    classes = {}
-    for preset in PRESETS:
-        for kernel in KERNELS:
-            name = trainer_class_name(preset, kernel)
-            doc = f"MedNeXt {preset}, kernel {kernel}, reference recipe."
-            classes[name] = type(name, (MedNeXtTrainer,), {"preset": preset, "kernel_size": kernel, "__doc__": doc})
-            classes[name].__module__ = __name__
-    return classes
+class MedNeXtTrainer_Sk5(MedNeXtTrainer):  # noqa: N801
+    """MedNeXt S, kernel 5, reference recipe."""
+
+    preset = "S"
+    kernel_size = 5
 
 
-TRAINERS = _make_trainer_classes()
-globals().update(TRAINERS)  # importable by name: mednext.pipeline.trainer.MedNeXtTrainer_Sk3
+class MedNeXtTrainer_Bk3(MedNeXtTrainer):  # noqa: N801
+    """MedNeXt B, kernel 3, reference recipe."""
+
+    preset = "B"
+    kernel_size = 3
+
+
+class MedNeXtTrainer_Bk5(MedNeXtTrainer):  # noqa: N801
+    """MedNeXt B, kernel 5, reference recipe."""
+
+    preset = "B"
+    kernel_size = 5
+
+
+class MedNeXtTrainer_Mk3(MedNeXtTrainer):  # noqa: N801
+    """MedNeXt M, kernel 3, reference recipe."""
+
+    preset = "M"
+    kernel_size = 3
+
+
+class MedNeXtTrainer_Mk5(MedNeXtTrainer):  # noqa: N801
+    """MedNeXt M, kernel 5, reference recipe."""
+
+    preset = "M"
+    kernel_size = 5
+
+
+class MedNeXtTrainer_Lk3(MedNeXtTrainer):  # noqa: N801
+    """MedNeXt L, kernel 3, reference recipe."""
+
+    preset = "L"
+    kernel_size = 3
+
+
+class MedNeXtTrainer_Lk5(MedNeXtTrainer):  # noqa: N801
+    """MedNeXt L, kernel 5, reference recipe."""
+
+    preset = "L"
+    kernel_size = 5
+
+
+TRAINERS: dict[str, type[MedNeXtTrainer]] = {
+    cls.__name__: cls
+    for cls in (
+        MedNeXtTrainer_Sk3,
+        MedNeXtTrainer_Sk5,
+        MedNeXtTrainer_Bk3,
+        MedNeXtTrainer_Bk5,
+        MedNeXtTrainer_Mk3,
+        MedNeXtTrainer_Mk5,
+        MedNeXtTrainer_Lk3,
+        MedNeXtTrainer_Lk5,
+    )
+}
 
 
 def get_trainer_class(preset: str, kernel: int) -> type[MedNeXtTrainer]:
+    """The trainer class of a preset (S, B, M, L) and kernel size (3, 5)."""
     name = trainer_class_name(preset, kernel)
     if name not in TRAINERS:
         raise ValueError(f"no trainer for model {preset!r} kernel {kernel!r}; use --model S|B|M|L and --kernel 3|5")
     return TRAINERS[name]
-
-
-# ----------------------------------------------------------------------------- running a fold
-
-
-def find_plans(dataset_name: str, recipe: str | None = None) -> str:
-    """The plans identifier to train with: that of ``recipe``, else the auto plans if present, else
-    the paper plans."""
-    from nnunetv2.paths import nnUNet_preprocessed
-
-    from mednext.pipeline.planning import RECIPES
-
-    folder = Path(str(nnUNet_preprocessed)) / dataset_name
-    candidates = [RECIPES[recipe]] if recipe else list(RECIPES.values())
-    for ident in candidates:
-        if (folder / f"{ident}.json").is_file():
-            return ident
-    wanted = f"--recipe {recipe}" if recipe else ""
-    raise FileNotFoundError(
-        f"{folder} has no {' or '.join(c + '.json' for c in candidates)}; run "
-        f"'mednext plan {dataset_name} {wanted}'".rstrip()
-        + " first (with the same --workdir)"
-    )
-
-
-def parse_fold(fold: str | int) -> int | str:
-    text = str(fold)
-    if text == "all":
-        return "all"
-    if text.isdigit() and 0 <= int(text) <= 4:
-        return int(text)
-    raise ValueError(f"--fold {fold!r}: use 0, 1, 2, 3, 4 (five-fold cross-validation) or all")
-
-
-def pick_device(name: str | None) -> torch.device:
-    """``cuda`` when available, else ``mps``, else ``cpu``; an explicit request is checked."""
-    if name in (None, "", "auto"):
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"--device {name!r}: use cpu, cuda or mps")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError("--device mps: Apple's MPS backend is not available here; use --device cpu")
-    return torch.device(name)
-
-
-def train_fold(
-    dataset: str | int,
-    configuration: str = "3d_fullres",
-    fold: int | str = 0,
-    preset: str = "S",
-    kernel: int = 3,
-    device: str | None = None,
-    epochs: int | None = None,
-    iters_per_epoch: int | None = None,
-    val_iters: int | None = None,
-    resume: bool = False,
-    bf16: bool = False,
-    num_workers: int | None = None,
-    recipe: str | None = None,
-    validate: bool = True,
-    pretrained: str | None = None,
-    upkern_from: str | None = None,
-    show_progress: bool = True,
-) -> MedNeXtTrainer:
-    """Train one fold (the working folders must be set, see ``use_workdir``) and return the trainer.
-
-    Results go to ``$nnUNet_results/<dataset>/MedNeXtTrainer_<P>k<K>__<plans>__<config>/fold_<f>/``."""
-    from nnunetv2.paths import nnUNet_preprocessed
-
-    from mednext.pipeline.datasets import resolve_dataset
-
-    name = resolve_dataset(dataset)
-    fold = parse_fold(fold)
-    cls = get_trainer_class(str(preset).upper(), int(kernel))
-    dev = pick_device(device)
-    if pretrained and upkern_from:
-        raise ValueError("--pretrained and --upkern-from both initialise the weights; pass one of them")
-    if resume and (pretrained or upkern_from):
-        raise ValueError("--resume continues from the run's own checkpoint; drop --pretrained/--upkern-from")
-    plans_id = find_plans(name, recipe)
-    base = Path(str(nnUNet_preprocessed)) / name
-    plans = json.loads((base / f"{plans_id}.json").read_text())
-    if configuration not in plans["configurations"]:
-        raise ValueError(
-            f"configuration {configuration!r} was not planned for {name} (plans {plans_id} has "
-            f"{', '.join(plans['configurations'])}); run 'mednext plan {name} --configs {configuration}'"
-        )
-    data_dir = base / plans["configurations"][configuration]["data_identifier"]
-    if not data_dir.is_dir() or not any(data_dir.iterdir()):
-        raise FileNotFoundError(
-            f"{data_dir} is missing or empty: {configuration} was planned but not preprocessed; run "
-            f"'mednext plan {name} --configs {configuration}'"
-        )
-    if num_workers is not None and num_workers < 0:
-        raise ValueError(f"--num-workers must be >= 0, got {num_workers}")
-    previous_workers = os.environ.get(N_PROC_DA)
-    if num_workers is not None:
-        os.environ[N_PROC_DA] = str(num_workers)
-    elif previous_workers is None and dev.type == "cpu":
-        # on CPU the network, not augmentation, is the bottleneck; background workers only compete for cores
-        os.environ[N_PROC_DA] = "0"
-    try:
-        return _run_fold(
-            name, plans, plans_id, base, cls, configuration, fold, dev, epochs, iters_per_epoch, val_iters,
-            resume, bf16, validate, pretrained, upkern_from, show_progress,
-        )  # fmt: skip
-    finally:
-        if previous_workers is None:
-            os.environ.pop(N_PROC_DA, None)
-        else:
-            os.environ[N_PROC_DA] = previous_workers
-
-
-def _run_fold(
-    name: str,
-    plans: dict,
-    plans_id: str,
-    base: Path,
-    cls: type[MedNeXtTrainer],
-    configuration: str,
-    fold: int | str,
-    dev: torch.device,
-    epochs: int | None,
-    iters_per_epoch: int | None,
-    val_iters: int | None,
-    resume: bool,
-    bf16: bool,
-    validate: bool,
-    pretrained: str | None,
-    upkern_from: str | None,
-    show_progress: bool,
-) -> MedNeXtTrainer:
-    from mednext.pipeline.ddp import init_distributed
-
-    init_distributed(dev.type)
-
-    dataset_json = json.loads((base / "dataset.json").read_text())
-    plans["continue_training"] = resume
-    trainer = cls(plans=plans, configuration=configuration, fold=fold, dataset_json=dataset_json, device=dev)
-    out = Path(trainer.output_folder)
-    latest, final = out / "checkpoint_latest.pth", out / "checkpoint_final.pth"
-    if resume:
-        if not latest.is_file():
-            if final.is_file():
-                raise ValueError(f"{final} exists: this fold already finished training; nothing to resume")
-            raise FileNotFoundError(f"{latest} not found: nothing to resume; start the run without --resume")
-        state = torch.load(latest, map_location="cpu", weights_only=True)
-        saved = state.get("mednext", {})
-        trainer.configure_run(
-            epochs=epochs if epochs is not None else saved.get("num_epochs"),
-            iters_per_epoch=iters_per_epoch if iters_per_epoch is not None else saved.get("iterations_per_epoch"),
-            val_iters=val_iters if val_iters is not None else saved.get("val_iterations_per_epoch"),
-            bf16=bf16,
-            show_progress=show_progress,
-        )
-        trainer.load_checkpoint(state)
-        del state
-    else:
-        for ckpt in (latest, final):
-            if ckpt.is_file():
-                raise ValueError(
-                    f"{ckpt} exists from an earlier run; pass --resume to continue it, or delete {out} to start over"
-                )
-        trainer.configure_run(epochs, iters_per_epoch, val_iters, bf16, show_progress)
-        trainer.initialize()
-        if pretrained:
-            from mednext.nn.weights import transfer_weights
-
-            report = transfer_weights(trainer._unwrapped(), pretrained)
-            trainer.print_to_log_file(f"initialised from {pretrained}: {report.summary()}")
-        if upkern_from:
-            from mednext.nn.upkern import upkern
-
-            report = upkern(trainer._unwrapped(), upkern_from)
-            trainer.print_to_log_file(f"UpKern from {upkern_from}: {report.summary()}")
-    trainer.run_training()
-    if validate:
-        trainer.perform_actual_validation(save_probabilities=False)
-    return trainer
