@@ -1,12 +1,17 @@
-"""Prediction with a trained MedNeXt: our network rebuilt from a results folder, run by nnU-Net v2's predictor.
+"""Prediction with a trained MedNeXt: :class:`MedNeXtPredictor`, nnU-Net v2's predictor with our network.
 
 A results folder is nnU-Net v2's standard one,
-``$nnUNet_results/Dataset{ID}_{Name}/{trainer}__{plans}__{configuration}/``, holding ``plans.json``,
+``<results>/Dataset{ID}_{Name}/{trainer}__{plans}__{configuration}/``, holding ``plans.json``,
 ``dataset.json`` and ``fold_{f}/checkpoint_{final,best,latest}.pth``. The plans name the network
 (``mednext.nn.MedNeXt``) and its arguments, so the folder alone rebuilds the model. The engine
-(``nnunetv2.inference.predict_from_raw_data.nnUNetPredictor``) does preprocessing, sliding-window
-inference with Gaussian weighting, mirroring test-time augmentation, fold ensembling and export
-back to each input's geometry.
+(``nnunetv2.inference.predict_from_raw_data.nnUNetPredictor``) does preprocessing, fold ensembling
+and export back to each input's geometry; :class:`MedNeXtPredictor` overrides its public methods to
+rebuild our network from the plans, to stack neighbouring slices for 2.5D models and, on the CPU,
+to run the Gaussian-weighted sliding window with mirroring several tiles per network forward.
+
+Beside the class: finding trained models in the results folder (:func:`find_trained_models`,
+:func:`resolve_trained_model`), choosing checkpoints (:func:`select_checkpoints`), and
+:func:`predict`, what ``mednext predict`` runs.
 """
 
 from __future__ import annotations
@@ -22,21 +27,28 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
+from acvl_utils.cropping_and_padding.padding import pad_nd_image
+from nnunetv2.inference.export_prediction import export_prediction_from_logits
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.inference.sliding_window_prediction import compute_gaussian, compute_steps_for_sliding_window
+from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+from torch._dynamo import OptimizedModule
 
+from mednext.errors import CheckpointError
+from mednext.files import atomic_write_json, resolve_device
 from mednext.memory import keeps_freed_memory, reuse_freed_memory
+from mednext.nn import MedNeXt, safe_torch_load
 from mednext.pipeline.body import check_ct_for_body_crop, compose_with_engine_crop, crop_to_body
 from mednext.pipeline.context import context_slices_of, stack_neighbour_slices
 from mednext.pipeline.io import InputCase, collect_input_cases, image_ending
+from mednext.pipeline.workdir import results_folder as engine_results_folder
 from mednext.pipeline.workdir import use_workdir
-
-if TYPE_CHECKING:  # pragma: no cover
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
-    from mednext.nn import MedNeXt
 
 NETWORK_CLASS_NAMES = ("mednext.nn.MedNeXt", "mednext.nn.mednext.MedNeXt")
 CHECKPOINTS = {
@@ -83,8 +95,6 @@ class TrainedModel:
 
 def dataset_name(dataset: str | int) -> str:
     """``Dataset901_Lesions`` for ``901``, ``'901'`` or the name itself (needs :func:`use_workdir` first)."""
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-
     try:
         return str(maybe_convert_to_dataset_name(dataset))
     except (RuntimeError, ValueError) as err:
@@ -103,11 +113,10 @@ def find_trained_models(
     plans: str | None = None,
     results_folder: str | os.PathLike | None = None,
 ) -> list[TrainedModel]:
-    """Every MedNeXt results folder of ``dataset`` that matches the given filters."""
-    from nnunetv2.paths import nnUNet_results
-
+    """Every MedNeXt results folder of ``dataset`` that matches the given filters (in ``results_folder``,
+    default: the engine's results folder in use)."""
     name = dataset_name(dataset)
-    root = Path(results_folder if results_folder is not None else str(nnUNet_results)) / name
+    root = Path(results_folder if results_folder is not None else engine_results_folder()) / name
     found = []
     if root.is_dir():
         for folder in sorted(p for p in root.iterdir() if p.is_dir()):
@@ -135,8 +144,6 @@ def resolve_trained_model(
     plans: str | None = None,
 ) -> TrainedModel:
     """The one trained model that matches; a ValueError listing candidates and the flags otherwise."""
-    from nnunetv2.paths import nnUNet_results
-
     matches = find_trained_models(dataset, configuration, model, kernel, plans)
     if len(matches) == 1:
         return matches[0]
@@ -155,7 +162,7 @@ def resolve_trained_model(
         every = find_trained_models(dataset)
         listing = "".join(f"\n  {m.folder}" for m in every) or " none"
         raise ValueError(
-            f"no trained MedNeXt model of {name} in {Path(str(nnUNet_results)) / name}"
+            f"no trained MedNeXt model of {name} in {engine_results_folder() / name}"
             + (f" matches {wanted}" if wanted else "")
             + f". Trained models there:{listing}\nTrain one with `mednext train`, or pick one of these."
         )
@@ -171,38 +178,6 @@ def resolve_trained_model(
 
 
 # ----------------------------------------------------------------------------- checkpoints
-
-
-def _numpy_safe_globals() -> list[Any]:
-    """The numpy types nnU-Net's training log may store in checkpoints (np.float64 Dice values, arrays).
-
-    ``scalar`` and ``_reconstruct`` rebuild numpy scalars and arrays from a dtype and raw bytes; with
-    only numeric and bool dtypes allowed (no object dtype) they cannot build arbitrary objects, so
-    loading stays free of code execution.
-    """
-    try:
-        from numpy._core import multiarray  # numpy >= 2
-    except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core import multiarray  # type: ignore[no-redef]
-    numeric = [np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64]
-    numeric += [np.float16, np.float32, np.float64]
-    return [multiarray.scalar, multiarray._reconstruct, np.ndarray, np.dtype, *(type(np.dtype(t)) for t in numeric)]
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load an nnU-Net v2 style checkpoint with ``weights_only=True`` (numpy scalars allowlisted)."""
-    path = Path(path)
-    with torch.serialization.safe_globals(_numpy_safe_globals()):
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise ValueError(
-                f"{path} cannot be loaded safely (weights_only=True): {str(err).splitlines()[-1][:300]}. "
-                "Only checkpoints holding tensors, numbers, strings and containers are accepted."
-            ) from err
-    if not isinstance(checkpoint, dict) or "network_weights" not in checkpoint:
-        raise ValueError(f"{path} is not an nnU-Net v2 checkpoint: it has no 'network_weights' entry")
-    return checkpoint
 
 
 def select_checkpoints(
@@ -245,16 +220,19 @@ def select_checkpoints(
     return selected
 
 
+def load_nnunet_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """An nnU-Net v2 checkpoint (``network_weights``, training log, ...), loaded without running pickled code."""
+    checkpoint = safe_torch_load(path)
+    if not isinstance(checkpoint, dict) or "network_weights" not in checkpoint:
+        raise CheckpointError(f"{path} is not an nnU-Net v2 checkpoint: it has no 'network_weights' entry")
+    return checkpoint
+
+
 # ----------------------------------------------------------------------------- the network
 
 
 def build_network(plans: dict, configuration: str, dataset_json: dict) -> MedNeXt:
     """Our network as the plans describe it, with deep supervision off, in eval mode."""
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    from mednext.nn import MedNeXt
-
     plans_manager = PlansManager(plans)
     if configuration not in plans.get("configurations", {}):
         raise ValueError(
@@ -281,8 +259,6 @@ def build_network(plans: dict, configuration: str, dataset_json: dict) -> MedNeX
 
 def _match_heads(network: MedNeXt, state_dict: dict[str, torch.Tensor]) -> MedNeXt:
     """Rebuild with or without the deep-supervision heads so that ``state_dict`` fits (they do not change out_0)."""
-    from mednext.nn import MedNeXt
-
     has_heads = any(k.startswith("out_1.") for k in state_dict)
     if has_heads != hasattr(network, "out_1"):
         config = dict(network.config, deep_supervision=has_heads)
@@ -292,98 +268,296 @@ def _match_heads(network: MedNeXt, state_dict: dict[str, torch.Tensor]) -> MedNe
     return network
 
 
-# ----------------------------------------------------------------------------- predictor
+# ----------------------------------------------------------------------------- the predictor
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` picks CUDA, then MPS, then CPU; an unavailable device is a ValueError."""
-    if device is None or device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was given but PyTorch sees no CUDA GPU; use --device cpu")
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError("--device mps was given but MPS is not available on this machine; use --device cpu")
-    return device
+def _check_tile_batch(tile_batch: int) -> None:
+    if tile_batch < 1:
+        raise ValueError(f"--tile-batch {tile_batch} must be at least 1 (tiles per network forward)")
 
 
-def load_predictor(
-    trained: TrainedModel | str | os.PathLike,
-    folds: Sequence[int | str] | None = None,
-    checkpoint: str = "final",
-    device: str | torch.device | None = None,
-    tta: bool = True,
-    step_size: float = 0.5,
-    show_progress: bool = False,
-) -> nnUNetPredictor:
-    """An nnU-Net v2 predictor holding our network and the weights of ``folds`` (default: all present).
+def _mirror_combinations(axes: Sequence[int] | None) -> list[tuple[int, ...]]:
+    """The engine's test-time mirroring: no flip, then every non-empty combination of ``axes``."""
+    import itertools
 
-    ``trained`` is a :class:`TrainedModel` or a results folder path
-    (``.../{trainer}__{plans}__{configuration}``).
+    axes = list(axes or [])
+    return [()] + [c for i in range(len(axes)) for c in itertools.combinations(axes, i + 1)]
+
+
+class MedNeXtPredictor(nnUNetPredictor):
+    """nnU-Net v2's predictor for MedNeXt results folders, with a batched sliding window on the CPU.
+
+    Overrides the engine's public methods:
+
+    * :meth:`initialize_from_trained_model_folder` rebuilds :class:`mednext.nn.MedNeXt` from the
+      folder's plans (the engine would look for the trainer class) and loads the folds' checkpoints
+      without running pickled code;
+    * :meth:`predict_logits_from_preprocessed_data` stacks neighbouring slices as channels for 2.5D
+      models and, on the CPU, averages the folds inside :func:`mednext.memory.reuse_freed_memory`;
+    * :meth:`predict_sliding_window_return_logits` on the CPU runs the engine's tiles, Gaussian,
+      mirroring and float16 sums, ``tile_batch`` tiles per network forward. With ``tile_batch=1`` the
+      logits equal the engine's bit for bit; more tiles per forward change the network's float32
+      rounding only. Other devices use the engine's own sliding window (float16 autocast on CUDA).
+
+    ``device`` is resolved by :func:`mednext.files.resolve_device` (None: CUDA, then MPS, then CPU).
+    ``accumulate_dtype`` is the dtype the weighted logits are summed in on the CPU: float16 as the
+    engine does, or float32 for sums that do not lose precision where only tile rims overlap.
     """
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    folder = trained.folder if isinstance(trained, TrainedModel) else Path(trained)
-    if not 0 < step_size <= 1:
-        raise ValueError(f"--step {step_size} must be in (0, 1] (fraction of the patch between windows)")
-    parts = folder.name.split("__")
-    if len(parts) != 3:
-        raise ValueError(f"{folder} is not a results folder named <trainer>__<plans>__<configuration>")
-    trainer_name, _, configuration = parts
-    for required in ("plans.json", "dataset.json"):
-        if not (folder / required).is_file():
-            raise FileNotFoundError(f"{folder / required} is missing; the results folder is incomplete")
-    plans = json.loads((folder / "plans.json").read_text())
-    dataset_json = json.loads((folder / "dataset.json").read_text())
-    checkpoints = select_checkpoints(folder, folds, checkpoint)
+    def __init__(
+        self,
+        tile_step_size: float = 0.5,
+        use_gaussian: bool = True,
+        use_mirroring: bool = True,
+        perform_everything_on_device: bool | None = None,
+        device: str | torch.device | None = None,
+        verbose: bool = False,
+        verbose_preprocessing: bool = False,
+        allow_tqdm: bool = False,
+        *,
+        tile_batch: int = 2,
+        accumulate_dtype: torch.dtype = torch.float16,
+    ) -> None:
+        if not 0 < tile_step_size <= 1:
+            raise ValueError(f"--step {tile_step_size} must be in (0, 1] (fraction of the patch between windows)")
+        _check_tile_batch(tile_batch)
+        torch_device = resolve_device(device)
+        if perform_everything_on_device is None:
+            perform_everything_on_device = torch_device.type == "cuda"
+        with contextlib.redirect_stdout(io.StringIO()):  # the engine prints a note about non-CUDA devices
+            super().__init__(
+                tile_step_size, use_gaussian, use_mirroring, perform_everything_on_device, torch_device,
+                verbose, verbose_preprocessing, allow_tqdm,
+            )  # fmt: skip
+        self.tile_batch = int(tile_batch)
+        self.accumulate_dtype = accumulate_dtype
 
-    network = build_network(plans, configuration, dataset_json)
-    parameters: list[dict[str, torch.Tensor]] = []
-    mirror_axes: tuple[int, ...] | None = None
-    for i, (_, path) in enumerate(checkpoints):
-        ckpt = load_checkpoint(path)
-        weights = ckpt["network_weights"]
-        if i == 0:
-            network = _match_heads(network, weights)
-            patch_dims = len(PlansManager(plans).get_configuration(configuration).patch_size)
-            # A checkpoint without the entry predates it: allow every axis, as nnU-Net's trainer does by default.
-            mirror_axes = ckpt.get("inference_allowed_mirroring_axes", tuple(range(patch_dims)))
-        try:
-            network.load_state_dict(weights)
-        except RuntimeError as err:
-            raise ValueError(
-                f"{path} does not fit the network that {folder / 'plans.json'} describes: "
-                f"{str(err).splitlines()[0]} ... (retrain, or restore the plans.json it was trained with)"
-            ) from err
-        parameters.append(weights)
+    @classmethod
+    def from_predictor(cls, predictor: nnUNetPredictor, tile_batch: int = 2) -> MedNeXtPredictor:
+        """A MedNeXtPredictor with the settings, network and weights of an initialised engine predictor
+        (e.g. one a trainer set up with ``manual_initialization``)."""
+        adopted = cls(
+            predictor.tile_step_size, predictor.use_gaussian, predictor.use_mirroring,
+            predictor.perform_everything_on_device, predictor.device, predictor.verbose,
+            predictor.verbose_preprocessing, predictor.allow_tqdm, tile_batch=tile_batch,
+            accumulate_dtype=getattr(predictor, "accumulate_dtype", torch.float16),
+        )  # fmt: skip
+        adopted.manual_initialization(
+            predictor.network, predictor.plans_manager, predictor.configuration_manager,
+            predictor.list_of_parameters, predictor.dataset_json, predictor.trainer_name,
+            predictor.allowed_mirroring_axes,
+        )  # fmt: skip
+        return adopted
 
-    torch_device = resolve_device(device)
-    with contextlib.redirect_stdout(io.StringIO()):  # the engine prints a note about CPU devices
-        predictor = nnUNetPredictor(
-            tile_step_size=step_size,
-            use_gaussian=True,
-            use_mirroring=tta,
-            perform_everything_on_device=torch_device.type == "cuda",
-            device=torch_device,
-            verbose=False,
-            allow_tqdm=show_progress,
+    # ------------------------------------------------------------------ the engine's hooks
+
+    def initialize_from_trained_model_folder(
+        self,
+        model_training_output_dir: str | os.PathLike,
+        use_folds: Sequence[int | str] | int | str | None,
+        checkpoint_name: str = "checkpoint_final.pth",
+    ) -> None:
+        """Rebuild our network from ``model_training_output_dir``'s plans and load ``use_folds``' checkpoints.
+
+        ``use_folds`` None: every fold that holds ``checkpoint_name``. The configuration and trainer
+        come from the folder's name ``<trainer>__<plans>__<configuration>``; the test-time mirroring
+        axes from the first checkpoint (every axis when it does not say).
+        """
+        folder = Path(model_training_output_dir)
+        parts = folder.name.split("__")
+        if len(parts) != 3:
+            raise ValueError(f"{folder} is not a results folder named <trainer>__<plans>__<configuration>")
+        trainer_name, _, configuration = parts
+        for required in ("plans.json", "dataset.json"):
+            if not (folder / required).is_file():
+                raise FileNotFoundError(f"{folder / required} is missing; the results folder is incomplete")
+        plans = json.loads((folder / "plans.json").read_text())
+        dataset_json = json.loads((folder / "dataset.json").read_text())
+        if isinstance(use_folds, (int, str)):
+            use_folds = [use_folds]
+        checkpoint = {name: key for key, name in CHECKPOINTS.items()}.get(checkpoint_name, checkpoint_name)
+        checkpoints = select_checkpoints(folder, use_folds, checkpoint)
+
+        plans_manager = PlansManager(plans)
+        network = build_network(plans, configuration, dataset_json)
+        parameters: list[dict[str, torch.Tensor]] = []
+        mirror_axes: tuple[int, ...] | None = None
+        for i, (_, path) in enumerate(checkpoints):
+            loaded = load_nnunet_checkpoint(path)
+            weights = loaded["network_weights"]
+            if i == 0:
+                network = _match_heads(network, weights)
+                patch_dims = len(plans_manager.get_configuration(configuration).patch_size)
+                # A checkpoint without the entry predates it: allow every axis, as nnU-Net's trainer does by default.
+                mirror_axes = loaded.get("inference_allowed_mirroring_axes", tuple(range(patch_dims)))
+            try:
+                network.load_state_dict(weights)
+            except RuntimeError as err:
+                raise CheckpointError(
+                    f"{path} does not fit the network that {folder / 'plans.json'} describes: "
+                    f"{str(err).splitlines()[0]} ... (retrain, or restore the plans.json it was trained with)"
+                ) from err
+            parameters.append(weights)
+        self.manual_initialization(
+            network,
+            plans_manager,
+            plans_manager.get_configuration(configuration),
+            parameters,
+            dataset_json,
+            trainer_name,
+            tuple(mirror_axes) if mirror_axes is not None else None,
         )
-    plans_manager = PlansManager(plans)
-    predictor.manual_initialization(
-        network,
-        plans_manager,
-        plans_manager.get_configuration(configuration),
-        parameters,
-        dataset_json,
-        trainer_name,
-        tuple(mirror_axes) if mirror_axes is not None else None,
-    )
-    return predictor
+
+    @torch.inference_mode()
+    def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
+        """Logits of one preprocessed case ``(channels, *spatial)``: the mean over the folds' weights.
+
+        A 2.5D model's input gets each slice's neighbours as channels first
+        (:mod:`mednext.pipeline.context`). On the CPU the folds run inside
+        :func:`mednext.memory.reuse_freed_memory`; other devices take the engine's path.
+        """
+        data = stack_neighbour_slices(data, context_slices_of(self.configuration_manager.configuration))
+        if self.device.type != "cpu":
+            return super().predict_logits_from_preprocessed_data(data).cpu()
+        network = self.network._orig_mod if isinstance(self.network, OptimizedModule) else self.network
+        total = None
+        with reuse_freed_memory(keeps_freed_memory(self.device)):
+            for params in self.list_of_parameters:
+                network.load_state_dict(params)
+                logits = self.predict_sliding_window_return_logits(data)
+                total = logits if total is None else total.add_(logits)
+        assert total is not None
+        if len(self.list_of_parameters) > 1:
+            total /= len(self.list_of_parameters)
+        return total
+
+    @torch.inference_mode()
+    def predict_sliding_window_return_logits(self, input_image: torch.Tensor) -> torch.Tensor:
+        """The Gaussian-weighted sliding window with mirroring over ``input_image`` ``(channels, *spatial)``.
+
+        On the CPU: the engine's tiles (``compute_steps_for_sliding_window`` after zero-padding to
+        the patch) in the engine's order, its Gaussian (sigma 1/8 of the patch, peak 10, float16
+        values), its mirroring (mean of the plain and every mirrored prediction) and its float16
+        sums, with :attr:`tile_batch` tiles per network forward. A 2D patch on 3D data slides over
+        every slice, as in the engine. Returns logits ``(classes, *spatial)`` in
+        :attr:`accumulate_dtype`.
+        """
+        if self.device.type != "cpu":
+            return super().predict_sliding_window_return_logits(input_image)
+        with reuse_freed_memory(keeps_freed_memory(self.device)):
+            return self._batched_sliding_window(input_image)
+
+    # ------------------------------------------------------------------ our additions
+
+    def _batched_sliding_window(self, input_image: torch.Tensor) -> torch.Tensor:
+        network = self.network.eval()
+        patch = tuple(int(p) for p in self.configuration_manager.patch_size)
+        mirror_axes = self.allowed_mirroring_axes if self.use_mirroring else None
+        data, revert = pad_nd_image(input_image, patch, "constant", {"value": 0}, True, None)
+        spatial = data.shape[1:]
+        slicers: list[tuple] = []
+        if len(patch) < len(spatial):  # 2D network on a 3D volume: every slice, as the engine does
+            steps = compute_steps_for_sliding_window(spatial[1:], patch, self.tile_step_size)
+            for d in range(spatial[0]):
+                for sx in steps[0]:
+                    for sy in steps[1]:
+                        slicers.append((slice(None), d, slice(sx, sx + patch[0]), slice(sy, sy + patch[1])))
+        else:
+            steps = compute_steps_for_sliding_window(spatial, patch, self.tile_step_size)
+            for start in np.stack(np.meshgrid(*steps, indexing="ij"), -1).reshape(-1, len(patch)):
+                slicers.append((slice(None), *(slice(int(s), int(s) + p) for s, p in zip(start, patch))))
+        if self.use_gaussian:  # float16 values, as the engine weights with them
+            weight = compute_gaussian(patch, sigma_scale=1.0 / 8, value_scaling_factor=10, device=torch.device("cpu"))
+        else:
+            weight = torch.ones(patch, dtype=torch.float16)
+        flips = _mirror_combinations([a + 2 for a in mirror_axes] if mirror_axes else None)
+        logits = torch.zeros((self.label_manager.num_segmentation_heads, *spatial), dtype=self.accumulate_dtype)
+        weights = torch.zeros(spatial, dtype=self.accumulate_dtype)
+        for first in range(0, len(slicers), self.tile_batch):
+            group = slicers[first : first + self.tile_batch]
+            x = torch.stack([data[sl] for sl in group])
+            prediction = network(x)
+            for axes in flips[1:]:
+                prediction += torch.flip(network(torch.flip(x, axes)), axes)
+            if len(flips) > 1:
+                prediction /= len(flips)
+            if self.use_gaussian:
+                prediction *= weight
+            for sl, tile in zip(group, prediction):  # tile by tile, in the engine's order and rounding
+                logits[sl] += tile
+                weights[sl[1:]] += weight
+        torch.div(logits, weights, out=logits)
+        if torch.isinf(logits).any():
+            raise RuntimeError(
+                "the summed logits overflowed float16 (inf); predict with accumulate_dtype=torch.float32 "
+                "(the engine stops with the same error here)"
+            )
+        return logits[(slice(None), *revert[1:])]
+
+    def read_case(self, case: InputCase) -> tuple[np.ndarray, dict]:
+        """The case's channel files read by the plans' reader; a ValueError names the file and the fix."""
+        reader = self.plans_manager.image_reader_writer_class()
+        log = io.StringIO()  # the engine's readers print their complaints before raising
+        try:
+            with contextlib.redirect_stdout(log):
+                data, properties = reader.read_images([str(f) for f in case.files])
+        except Exception as err:
+            try:
+                counts = _channels_per_file(reader, case)
+            except Exception:
+                counts = [1] * len(case.files)
+            if any(c != 1 for c in counts):
+                raise _channel_error(case, counts) from err
+            detail = " ".join(log.getvalue().split())[:300]
+            raise ValueError(
+                f"could not read case '{case.case_id}' ({', '.join(str(f) for f in case.files)}): "
+                f"{err or type(err).__name__} {detail}".strip()
+            ) from err
+        if data.shape[0] != len(case.files):
+            counts = _channels_per_file(reader, case) if len(case.files) > 1 else [data.shape[0]]
+            raise _channel_error(case, counts)
+        return data, properties
+
+    def predict_case(
+        self,
+        case: InputCase,
+        output_truncated: str | os.PathLike,
+        save_probabilities: bool = False,
+        crop_body: bool = False,
+    ) -> list[Path]:
+        """Read, preprocess, predict and export one case; returns the written files
+        (``<output_truncated><ending>``, and ``.npz``/``.pkl`` probabilities when asked).
+
+        ``crop_body``: predict only inside the box around the patient's body (CT; :mod:`mednext.pipeline.body`);
+        the output keeps the input's full grid, background outside the box.
+        """
+        data, properties = self.read_case(case)
+        body_box = None
+        if crop_body:
+            full_shape = data.shape[1:]
+            data, body_box = crop_to_body(data, properties)
+        preprocessor = self.configuration_manager.preprocessor_class(verbose=False)
+        data, _, properties = preprocessor.run_case_npy(
+            data, None, properties, self.plans_manager, self.configuration_manager, self.dataset_json
+        )
+        if body_box is not None:
+            compose_with_engine_crop(properties, body_box, full_shape, self.plans_manager.transpose_forward)
+        logits = self.predict_logits_from_preprocessed_data(torch.from_numpy(data))
+        export_prediction_from_logits(
+            logits,
+            properties,
+            self.configuration_manager,
+            self.plans_manager,
+            self.dataset_json,
+            str(output_truncated),
+            save_probabilities,
+            num_threads_torch=max(1, torch.get_num_threads()),
+        )
+        ending = self.dataset_json["file_ending"]
+        written = [Path(f"{output_truncated}{ending}")]
+        if save_probabilities:
+            written += [Path(f"{output_truncated}.npz"), Path(f"{output_truncated}.pkl")]
+        return written
 
 
 # ----------------------------------------------------------------------------- predicting files
@@ -406,136 +580,6 @@ def _channel_error(case: InputCase, counts: list[int]) -> ValueError:
     )
 
 
-def _read_case(predictor: nnUNetPredictor, case: InputCase) -> tuple[np.ndarray, dict]:
-    reader = predictor.plans_manager.image_reader_writer_class()
-    log = io.StringIO()  # the engine's readers print their complaints before raising
-    try:
-        with contextlib.redirect_stdout(log):
-            data, properties = reader.read_images([str(f) for f in case.files])
-    except Exception as err:
-        try:
-            counts = _channels_per_file(reader, case)
-        except Exception:
-            counts = [1] * len(case.files)
-        if any(c != 1 for c in counts):
-            raise _channel_error(case, counts) from err
-        detail = " ".join(log.getvalue().split())[:300]
-        raise ValueError(
-            f"could not read case '{case.case_id}' ({', '.join(str(f) for f in case.files)}): "
-            f"{err or type(err).__name__} {detail}".strip()
-        ) from err
-    if data.shape[0] != len(case.files):
-        counts = _channels_per_file(reader, case) if len(case.files) > 1 else [data.shape[0]]
-        raise _channel_error(case, counts)
-    return data, properties
-
-
-# ----------------------------------------------------------------------------- sliding window on the CPU
-
-
-def _mirror_combinations(axes: Sequence[int] | None) -> list[tuple[int, ...]]:
-    """The engine's test-time mirroring: no flip, then every non-empty combination of ``axes``."""
-    import itertools
-
-    axes = list(axes or [])
-    return [()] + [c for i in range(len(axes)) for c in itertools.combinations(axes, i + 1)]
-
-
-@torch.inference_mode()
-def sliding_window_logits(
-    network: torch.nn.Module,
-    data: torch.Tensor,
-    patch_size: Sequence[int],
-    num_classes: int,
-    step_size: float = 0.5,
-    mirror_axes: Sequence[int] | None = None,
-    tile_batch: int = 2,
-    accumulate: torch.dtype = torch.float16,
-) -> torch.Tensor:
-    """The engine's Gaussian-weighted sliding window, on the CPU, ``tile_batch`` tiles per forward.
-
-    Same tiles (``compute_steps_for_sliding_window`` after zero-padding to the patch), same order,
-    same Gaussian (``compute_gaussian``: sigma 1/8 of the patch, peak 10, float16 values), same
-    mirroring (mean of the plain and every mirrored prediction) and the same arithmetic as
-    ``nnUNetPredictor``: by default the weighted logits and the weights are summed in float16, as
-    the engine does, so that the result equals the engine's up to the network's own rounding
-    (``accumulate=torch.float32`` sums in float32, which is more accurate: the engine's float16
-    sums lose up to about 0.5 in a logit where only tile corners overlap, see docs/benchmarks.md).
-    ``data`` is ``(channels, *spatial)``; a 2D patch on 3D data slides over every slice, as in the
-    engine. Returns logits ``(num_classes, *spatial)`` in ``accumulate``'s dtype.
-    """
-    from acvl_utils.cropping_and_padding.padding import pad_nd_image
-    from nnunetv2.inference.sliding_window_prediction import compute_gaussian, compute_steps_for_sliding_window
-
-    patch = tuple(int(p) for p in patch_size)
-    data, revert = pad_nd_image(data, patch, "constant", {"value": 0}, True, None)
-    spatial = data.shape[1:]
-    slicers: list[tuple] = []
-    if len(patch) < len(spatial):  # 2D network on a 3D volume: every slice, as the engine does
-        steps = compute_steps_for_sliding_window(spatial[1:], patch, step_size)
-        for d in range(spatial[0]):
-            for sx in steps[0]:
-                for sy in steps[1]:
-                    slicers.append((slice(None), d, slice(sx, sx + patch[0]), slice(sy, sy + patch[1])))
-    else:
-        steps = compute_steps_for_sliding_window(spatial, patch, step_size)
-        for start in np.stack(np.meshgrid(*steps, indexing="ij"), -1).reshape(-1, len(patch)):
-            slicers.append((slice(None), *(slice(int(s), int(s) + p) for s, p in zip(start, patch))))
-    # float16 values, as the engine weights with them; summed in ``accumulate``
-    gaussian = compute_gaussian(patch, sigma_scale=1.0 / 8, value_scaling_factor=10, device=torch.device("cpu"))
-    flips = _mirror_combinations([a + 2 for a in mirror_axes] if mirror_axes else None)
-    logits = torch.zeros((num_classes, *spatial), dtype=accumulate)
-    weights = torch.zeros(spatial, dtype=accumulate)
-    batch = max(1, int(tile_batch))
-    for first in range(0, len(slicers), batch):
-        group = slicers[first : first + batch]
-        x = torch.stack([data[sl] for sl in group])
-        prediction = network(x)
-        for axes in flips[1:]:
-            prediction += torch.flip(network(torch.flip(x, axes)), axes)
-        if len(flips) > 1:
-            prediction /= len(flips)
-        prediction *= gaussian
-        for sl, tile in zip(group, prediction):  # tile by tile, in the engine's order and rounding
-            logits[sl] += tile
-            weights[sl[1:]] += gaussian
-    torch.div(logits, weights, out=logits)
-    if torch.isinf(logits).any():
-        raise RuntimeError(
-            "the summed logits overflowed float16 (inf); predict with accumulate=torch.float32 "
-            "(the engine stops with the same error here)"
-        )
-    return logits[(slice(None), *revert[1:])]
-
-
-@torch.inference_mode()
-def predict_logits(predictor: nnUNetPredictor, data: torch.Tensor, tile_batch: int = 2) -> torch.Tensor:
-    """Logits of one preprocessed case ``(channels, *spatial)``: the fold ensemble's mean.
-
-    On the CPU, :func:`sliding_window_logits` with ``tile_batch`` tiles per forward inside
-    :func:`mednext.memory.reuse_freed_memory`; on other devices the engine's own
-    ``predict_logits_from_preprocessed_data`` (float16 autocast on CUDA).
-    """
-    if predictor.device.type != "cpu":
-        return predictor.predict_logits_from_preprocessed_data(data).cpu()
-    network = predictor.network.eval()
-    mirror_axes = predictor.allowed_mirroring_axes if predictor.use_mirroring else None
-    num_classes = predictor.label_manager.num_segmentation_heads
-    total = None
-    with reuse_freed_memory(keeps_freed_memory(predictor.device)):
-        for params in predictor.list_of_parameters:
-            network.load_state_dict(params)
-            logits = sliding_window_logits(
-                network, data, predictor.configuration_manager.patch_size, num_classes,
-                predictor.tile_step_size, mirror_axes, tile_batch,
-            )  # fmt: skip
-            total = logits if total is None else total.add_(logits)
-    assert total is not None
-    if len(predictor.list_of_parameters) > 1:
-        total /= len(predictor.list_of_parameters)
-    return total
-
-
 def predict_case(
     predictor: nnUNetPredictor,
     case: InputCase,
@@ -544,55 +588,12 @@ def predict_case(
     tile_batch: int = 2,
     crop_body: bool = False,
 ) -> list[Path]:
-    """Preprocess, predict and export one case; returns the written files (``<output_truncated><ending>``, ...).
-
-    ``tile_batch``: sliding-window tiles per network forward on the CPU (see :func:`predict_logits`).
-    ``crop_body``: predict only inside the box around the patient's body (CT; :mod:`mednext.pipeline.body`);
-    the output keeps the input's full grid, background outside the box.
-    """
-    from nnunetv2.inference.export_prediction import export_prediction_from_logits
-
-    data, properties = _read_case(predictor, case)
-    body_box = None
-    if crop_body:
-        full_shape = data.shape[1:]
-        data, body_box = crop_to_body(data, properties)
-    preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
-    data, _, properties = preprocessor.run_case_npy(
-        data,
-        None,
-        properties,
-        predictor.plans_manager,
-        predictor.configuration_manager,
-        predictor.dataset_json,
-    )
-    if body_box is not None:
-        compose_with_engine_crop(properties, body_box, full_shape, predictor.plans_manager.transpose_forward)
-    # a 2.5D network sees every slice with its neighbours as channels (mednext.pipeline.context)
-    data = stack_neighbour_slices(data, context_slices_of(predictor.configuration_manager.configuration))
-    logits = predict_logits(predictor, torch.from_numpy(data), tile_batch)
-    export_prediction_from_logits(
-        logits,
-        properties,
-        predictor.configuration_manager,
-        predictor.plans_manager,
-        predictor.dataset_json,
-        str(output_truncated),
-        save_probabilities,
-        num_threads_torch=max(1, torch.get_num_threads()),
-    )
-    ending = predictor.dataset_json["file_ending"]
-    written = [Path(f"{output_truncated}{ending}")]
-    if save_probabilities:
-        written += [Path(f"{output_truncated}.npz"), Path(f"{output_truncated}.pkl")]
-    return written
-
-
-def _write_json_atomic(path: Path, content: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(content, f, indent=2)
-    os.replace(tmp, path)
+    """:meth:`MedNeXtPredictor.predict_case` with ``tile_batch`` tiles per forward on the CPU, for any
+    initialised engine predictor (one that is not a :class:`MedNeXtPredictor` is adopted with
+    :meth:`MedNeXtPredictor.from_predictor`, network and weights shared)."""
+    if not isinstance(predictor, MedNeXtPredictor) or predictor.tile_batch != tile_batch:
+        predictor = MedNeXtPredictor.from_predictor(predictor, tile_batch)
+    return predictor.predict_case(case, output_truncated, save_probabilities, crop_body)
 
 
 def predict(
@@ -622,9 +623,9 @@ def predict(
     ``output`` is a folder (created if needed) that receives ``<case><ending>`` per case, or, for a
     single case, a file path ending in the dataset's file ending. Every file is written to a temporary
     name in the same folder and moved into place, so a failed run leaves no partial output.
+    ``tile_batch``: sliding-window tiles per network forward on the CPU (:class:`MedNeXtPredictor`).
     """
-    if tile_batch < 1:
-        raise ValueError(f"--tile-batch {tile_batch} must be at least 1 (tiles per network forward)")
+    _check_tile_batch(tile_batch)
     use_workdir(workdir)
     trained = resolve_trained_model(dataset, configuration, model, kernel, plans)
     dataset_json = json.loads((trained.folder / "dataset.json").read_text())
@@ -655,7 +656,8 @@ def predict(
                     "give another output folder (-o)"
                 )
         folds = [f for f, _ in select_checkpoints(trained.folder, folds, checkpoint)]
-        predictor = load_predictor(trained, folds, checkpoint, device, tta, step_size)
+        predictor = MedNeXtPredictor(step_size, use_mirroring=tta, device=device, tile_batch=tile_batch)
+        predictor.initialize_from_trained_model_folder(trained.folder, folds, CHECKPOINTS[checkpoint])
         log(
             f"{trained.folder.name}: folds {', '.join(map(str, folds))}, "
             f"checkpoint_{checkpoint}, device {predictor.device}, TTA {'on' if tta else 'off'}, step {step_size}; "
@@ -664,7 +666,7 @@ def predict(
         written = []
         for case in cases:
             start = time.perf_counter()
-            files = predict_case(predictor, case, workspace / case.case_id, save_probabilities, tile_batch, crop_body)
+            files = predictor.predict_case(case, workspace / case.case_id, save_probabilities, crop_body)
             for f in files:
                 target = output if single_file and f.name.endswith(ending) else out_dir / f.name
                 os.replace(f, target)
@@ -673,9 +675,9 @@ def predict(
             log(f"  {case.case_id}: {written[-1]} ({time.perf_counter() - start:.1f} s)")
         if not single_file:
             # Beside the predictions, as nnU-Net does: `mednext evaluate` and nnU-Net's tools read them.
-            _write_json_atomic(out_dir / "dataset.json", dataset_json)
-            _write_json_atomic(out_dir / "plans.json", predictor.plans_manager.plans)
-            _write_json_atomic(
+            atomic_write_json(out_dir / "dataset.json", dataset_json)
+            atomic_write_json(out_dir / "plans.json", predictor.plans_manager.plans)
+            atomic_write_json(
                 out_dir / "mednext_predict.json",
                 {
                     "results_folder": str(trained.folder),
