@@ -333,14 +333,19 @@ class MedNeXtPredictor(nnUNetPredictor):
         self.accumulate_dtype = accumulate_dtype
 
     @classmethod
-    def from_predictor(cls, predictor: nnUNetPredictor, tile_batch: int = 2) -> MedNeXtPredictor:
+    def from_predictor(
+        cls, predictor: nnUNetPredictor, tile_batch: int = 2, accumulate_dtype: torch.dtype | None = None
+    ) -> MedNeXtPredictor:
         """A MedNeXtPredictor with the settings, network and weights of an initialised engine predictor
-        (e.g. one a trainer set up with ``manual_initialization``)."""
+        (e.g. one a trainer set up with ``manual_initialization``); ``accumulate_dtype`` None keeps the
+        predictor's (float16 for the engine's own)."""
+        if accumulate_dtype is None:
+            accumulate_dtype = getattr(predictor, "accumulate_dtype", torch.float16)
         adopted = cls(
             predictor.tile_step_size, predictor.use_gaussian, predictor.use_mirroring,
             predictor.perform_everything_on_device, predictor.device, predictor.verbose,
             predictor.verbose_preprocessing, predictor.allow_tqdm, tile_batch=tile_batch,
-            accumulate_dtype=getattr(predictor, "accumulate_dtype", torch.float16),
+            accumulate_dtype=accumulate_dtype,
         )  # fmt: skip
         adopted.manual_initialization(
             predictor.network, predictor.plans_manager, predictor.configuration_manager,
