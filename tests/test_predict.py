@@ -391,7 +391,8 @@ def test_checkpoint_with_unsafe_objects_is_refused(workdir, tmp_path, capsys):
         content["init_args"]["extra"] = unsafe
         torch.save(content, checkpoint)
         err = _error(capsys, "-i", path, "-o", tmp_path / "out", "--workdir", workdir, "--dataset", 959)
-        assert "weights_only=True" in err and "checkpoint_final.pth" in err
+        # refused by mednext.nn.safe_torch_load, naming the file, before any pickled code runs
+        assert "checkpoint_final.pth" in err and ("refused to load" in err or "could not be unpickled" in err)
 
 
 @pytest.mark.slow
@@ -500,3 +501,109 @@ def test_fold_all_is_used_when_no_numbered_fold_exists(workdir, tmp_path):
     assert json.loads((tmp_path / "a" / "mednext_predict.json").read_text())["folds"] == ["all"]
     assert run_cli(*base, "-o", tmp_path / "b", "--checkpoint", "latest") == 0
     assert json.loads((tmp_path / "b" / "mednext_predict.json").read_text())["folds"] == [1]
+
+
+# ----------------------------------------------------------------------------- MedNeXtPredictor against the engine
+
+
+def _predictors(folder: Path, configuration: str, tta: bool, tile_batch: int, **kwargs):
+    """Ours from the results folder, and the engine's stock predictor with the same network and weights."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from mednext.pipeline.predictor import MedNeXtPredictor
+
+    ours = MedNeXtPredictor(0.5, use_mirroring=tta, device="cpu", tile_batch=tile_batch, **kwargs)
+    ours.initialize_from_trained_model_folder(folder, None)
+    manager = PlansManager(json.loads((folder / "plans.json").read_text()))
+    network = MedNeXt(**{**ours.network.config})  # a separate copy of the same network
+    network.set_deep_supervision(False)
+    engine = nnUNetPredictor(0.5, True, tta, False, torch.device("cpu"), False, False, False)
+    engine.manual_initialization(
+        network.eval(), manager, manager.get_configuration(configuration), ours.list_of_parameters,
+        ours.dataset_json, ours.trainer_name, ours.allowed_mirroring_axes,
+    )  # fmt: skip
+    return ours, engine
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_predictor_equals_the_engines_sliding_window(workdir, tta, one_thread):
+    folder = make_results_folder(results_root(workdir), "Dataset964_Same", folds={0: {"final": 1}, 1: {"final": 2}})
+    torch.manual_seed(0)
+    data = torch.randn(1, 14, 30, 27)  # several tiles of 8 x 16 x 16 on every axis, padded nowhere
+    ours, engine = _predictors(folder, "3d_fullres", tta, tile_batch=1)
+    expected = engine.predict_logits_from_preprocessed_data(data)  # the mean of both folds
+    # One tile per forward: the engine's tiles, Gaussian, mirroring and float16 sums, bit for bit.
+    logits = ours.predict_logits_from_preprocessed_data(data)
+    assert logits.dtype == expected.dtype == torch.float16
+    assert torch.equal(logits, expected)
+    # Several tiles per forward change the network's float32 rounding only: within float16 steps.
+    batched, _ = _predictors(folder, "3d_fullres", tta, tile_batch=4)
+    logits = batched.predict_logits_from_preprocessed_data(data)
+    step = torch.finfo(torch.float16).eps * expected.float().abs().clamp_min(1)
+    assert ((logits.float() - expected.float()).abs() <= 2 * step).all()
+    top2 = expected.float().topk(2, dim=0).values
+    clear = (top2[0] - top2[1]) > 4 * step.amax(0)
+    assert torch.equal(logits.argmax(0)[clear], expected.argmax(0)[clear])
+    # Float32 sums: same shape, more precise dtype.
+    exact, _ = _predictors(folder, "3d_fullres", tta, tile_batch=3, accumulate_dtype=torch.float32)
+    assert exact.predict_logits_from_preprocessed_data(data).dtype == torch.float32
+
+
+def test_predictor_2d_network_on_a_volume_and_small_images(workdir, one_thread):
+    arch = {**ARCH, "spatial_dims": 2, "strides": [2, 2]}
+    folder = make_results_folder(
+        results_root(workdir), "Dataset965_Flat", configurations={"2d": _config((16, 16), (1.0, 1.0), 1, arch)}
+    )
+    ours, engine = _predictors(folder, "2d", True, tile_batch=1)
+    torch.manual_seed(1)
+    for shape in ((1, 3, 21, 35), (1, 2, 9, 12)):  # slice by slice; the second smaller than the patch
+        data = torch.randn(shape)
+        assert torch.equal(
+            ours.predict_logits_from_preprocessed_data(data), engine.predict_logits_from_preprocessed_data(data)
+        )
+
+
+def test_the_whole_ensemble_runs_inside_the_memory_policy(workdir, monkeypatch, one_thread):
+    import contextlib
+
+    from mednext import config
+    from mednext.pipeline import predictor as predictor_module
+
+    depth = [0]
+    entered: list[bool] = []
+
+    @contextlib.contextmanager
+    def recording(enable: bool = True):
+        if depth[0] == 0:
+            entered.append(enable)
+        depth[0] += 1
+        try:
+            yield
+        finally:
+            depth[0] -= 1
+
+    monkeypatch.setattr(predictor_module, "reuse_freed_memory", recording)
+    folder = make_results_folder(results_root(workdir), "Dataset966_Mem", folds={0: {"final": 1}, 1: {"final": 2}})
+    ours, _ = _predictors(folder, "3d_fullres", False, tile_batch=2)
+    inside: list[bool] = []
+    ours.network.register_forward_pre_hook(lambda *_: inside.append(depth[0] > 0))
+    with config.override(keep_freed_memory=True):
+        ours.predict_logits_from_preprocessed_data(torch.randn(1, 10, 20, 20))
+    assert entered == [True]  # entered once around both folds, not per forward
+    assert inside and all(inside)
+
+
+def test_predict_case_adopts_a_stock_engine_predictor(workdir, tmp_path, one_thread):
+    from mednext.pipeline.io import InputCase
+    from mednext.pipeline.predictor import predict_case
+
+    folder = make_results_folder(results_root(workdir), "Dataset967_Stock")
+    path = tmp_path / "s_0000.nii.gz"
+    write_image(path, blob_image((9, 20, 18), seed=2), (1, 1, 2))
+    ours, engine = _predictors(folder, "3d_fullres", True, tile_batch=2)
+    case = InputCase("s", [path])
+    written = predict_case(engine, case, tmp_path / "stock", save_probabilities=True, tile_batch=2)
+    assert [p.name for p in written] == ["stock.nii.gz", "stock.npz", "stock.pkl"]
+    expected = ours.predict_case(case, tmp_path / "ours", save_probabilities=True)
+    assert np.array_equal(np.load(written[1])["probabilities"], np.load(expected[1])["probabilities"])

@@ -59,7 +59,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mednext.pipeline.predict import predict
+    from mednext.pipeline.predictor import predict
 
     predict(
         args.input,

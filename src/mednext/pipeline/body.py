@@ -6,7 +6,7 @@ shows the organs at other positions and scales than the network ever saw, and it
 :func:`body_bbox` finds the body as the largest connected region above :data:`BODY_HU` after a
 small in-plane opening (which cuts the thin contacts between trunk, arms and table), and
 :func:`crop_to_body` cuts the image to that box plus a margin; the prediction is put back on the
-full grid, background elsewhere. Measured on the demo's held-out patient in docs/demo.md.
+full grid, background elsewhere. docs/demo.md shows the effect on the demo's held-out patient.
 """
 
 from __future__ import annotations

@@ -20,7 +20,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from mednext.files import atomic_write_json, atomic_write_text
 from mednext.pipeline.io import IMAGE_ENDINGS, image_ending
 
 DEFAULT_TOLERANCE_MM = 2.0
@@ -269,24 +269,12 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_evaluation(evaluation: Evaluation, json_path: str | os.PathLike) -> tuple[Path, Path]:
     """Write the JSON file and a CSV beside it (same name, ``.csv``); returns both paths."""
     json_path = Path(json_path)
     csv_path = json_path.with_suffix(".csv")
-    _atomic_write(json_path, json.dumps(evaluation.to_dict(), indent=2, allow_nan=False) + "\n")
-    _atomic_write(csv_path, evaluation.csv_text())
+    atomic_write_json(json_path, evaluation.to_dict(), allow_nan=False)
+    atomic_write_text(csv_path, evaluation.csv_text())
     return json_path, csv_path
 
 
