@@ -4,7 +4,7 @@ fixed number of iterations, scored on the held-out patient.
 A GPU runs the iterations that the demo's default budget buys on a small CPU in far less time, so
 recipe questions can be answered with several repeats each. Only the hardware differs from the demo: the data, plans, trainer, predictor and scoring are the demo's
 own (:func:`mednext.demo.run.prepare_data`, :func:`~mednext.demo.run.train_mednext`,
-:func:`mednext.pipeline.predict.predict`, :func:`~mednext.demo.run.score`).
+:func:`mednext.pipeline.predictor.predict`, :func:`~mednext.demo.run.score`).
 
     python benchmarks/demo_trials.py --out DIR [--device cuda] [--epochs 19] [--repeats 2] [--parallel 4] \
         --variant base --variant rot180:rotation_degrees=180 --variant sgd:optimizer_name='sgd' \
@@ -114,7 +114,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
 
     use_workdir(workdir)
     from mednext.demo.run import score, train_mednext
-    from mednext.pipeline.predict import predict
+    from mednext.pipeline.predictor import predict
 
     torch.set_num_threads(int(spec["threads"]))
     device = resolve_device(spec["device"])

@@ -59,12 +59,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mednext.pipeline.predictor import predict
+    from mednext.pipeline.runner import PredictSettings, predict
 
-    predict(
-        args.input,
-        args.output,
-        args.dataset,
+    settings = PredictSettings(
+        input_path=args.input,
+        output=args.output,
+        dataset=args.dataset,
         configuration=args.config,
         folds=args.fold,
         model=args.model,
@@ -79,4 +79,5 @@ def run(args: argparse.Namespace) -> int:
         tile_batch=args.tile_batch,
         crop_body=args.crop_body,
     )
+    predict(settings)
     return 0

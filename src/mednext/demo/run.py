@@ -8,7 +8,7 @@ The run goes through the same code as a user's own training:
    preprocesses again with the engine.
 3. :func:`mednext.pipeline.runner.train` trains :class:`mednext.demo.trainer.MedNeXtDemoTrainer` (the
    reference recipe plus a time budget and a contrast-enhancement augmentation) on fold ``all``.
-4. :func:`mednext.pipeline.predict.predict` segments the held-out patient from its DICOM series.
+4. :func:`mednext.pipeline.predictor.predict` segments the held-out patient from its DICOM series.
 5. :func:`mednext.pipeline.evaluate.evaluate_case` scores it against the reference label.
 
 Outputs in ``out``: ``metrics.json``, ``segmentation.nii.gz``, ``overlay_axial.png``,
@@ -42,7 +42,7 @@ from mednext.pipeline.datasets import dataset_id_of
 from mednext.pipeline.evaluate import LabelSet, evaluate_case
 from mednext.pipeline.io import InputCase
 from mednext.pipeline.planning import RECIPES
-from mednext.pipeline.predict import predict, predict_case
+from mednext.pipeline.predictor import predict, predict_case
 from mednext.pipeline.runner import PlanSettings, TrainSettings, find_plans, plan, results_folder_of, train
 from mednext.pipeline.workdir import AUGMENTATION_WORKERS, engine_setting, preprocessed_folder, use_workdir
 

@@ -16,7 +16,7 @@ The same stacking serves training and prediction, so both see identical inputs:
   its neighbours as channels. :func:`synchronise_channels` makes the engine's intensity
   augmentations treat the stacked channels alike (one brightness, contrast, gamma, noise level per
   sample), as they are one image.
-* Prediction: :func:`mednext.pipeline.predict.predict_case` stacks the preprocessed volume the same
+* Prediction: :func:`mednext.pipeline.predictor.predict_case` stacks the preprocessed volume the same
   way before the sliding window runs over it slice by slice.
 
 The number of context slices is stored in the plans' configuration under :data:`CONTEXT_KEY`, which

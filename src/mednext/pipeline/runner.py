@@ -1,11 +1,13 @@
-"""The pipeline's stages as functions of one settings value each: :func:`plan` and :func:`train`.
+"""The pipeline's stages as functions of one settings value each: :func:`plan`, :func:`train`
+and :func:`predict`.
 
-``mednext plan`` / ``mednext train`` and the demo call these; a user's script can too, after
+``mednext plan`` / ``mednext train`` / ``mednext predict`` and the demo call these; a user's script can too, after
 pointing the engine at a working folder (:func:`mednext.pipeline.workdir.use_workdir`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -22,6 +24,7 @@ from mednext.files import resolve_device
 from mednext.nn import safe_torch_load
 from mednext.nn.upkern import upkern
 from mednext.nn.weights import transfer_weights
+from mednext.pipeline import predictor
 from mednext.pipeline.datasets import dataset_id_of, register_dataset, resolve_dataset, validate_raw_dataset
 from mednext.pipeline.ddp import init_distributed
 from mednext.pipeline.planning import PLANNERS, RECIPES, SUPPORTED_CONFIGS
@@ -272,3 +275,53 @@ def _start(trainer: MedNeXtTrainer, settings: TrainSettings) -> None:
     if settings.upkern_from:
         report = upkern(trainer.unwrapped_network(), settings.upkern_from)
         trainer.print_to_log_file(f"UpKern from {settings.upkern_from}: {report.summary()}")
+
+
+# ----------------------------------------------------------------------------- prediction
+
+
+@dataclass
+class PredictSettings:
+    """What ``mednext predict`` can be told.
+
+    Attributes:
+        input_path: an image file, a folder of images (nnU-Net naming) or a DICOM series folder.
+        output: a folder, or for one case a file with the dataset's file ending.
+        dataset: dataset name or id whose trained model to use.
+        configuration, folds, model, kernel, plans: which training (None: the only one there is;
+            folds None: every fold present, ensembled).
+        checkpoint: ``"final"``, ``"best"`` or ``"latest"``.
+        device: as for training.
+        tta: mirroring test-time augmentation.
+        step_size: sliding-window step as a fraction of the patch.
+        save_probabilities: also write ``<case>.npz`` class probabilities.
+        workdir: the working folder (None: ``./mednext_work``; nnU-Net's variables win when set).
+        tile_batch: sliding-window tiles per network forward on the CPU.
+        crop_body: CT only: predict inside the box around the patient's body.
+    """
+
+    input_path: str | os.PathLike
+    output: str | os.PathLike
+    dataset: str | int
+    configuration: str | None = None
+    folds: Sequence[int | str] | None = None
+    model: str | None = None
+    kernel: int | None = None
+    plans: str | None = None
+    checkpoint: str = "final"
+    device: str | torch.device | None = None
+    tta: bool = True
+    step_size: float = 0.5
+    save_probabilities: bool = False
+    workdir: str | os.PathLike | None = None
+    tile_batch: int = 2
+    crop_body: bool = False
+
+    def __post_init__(self) -> None:
+        if self.checkpoint not in predictor.CHECKPOINTS:
+            raise ValueError(f"checkpoint={self.checkpoint!r}: use {', '.join(predictor.CHECKPOINTS)}")
+
+
+def predict(settings: PredictSettings, log: Callable[[str], Any] = print) -> list[Path]:
+    """Segment every case of ``settings.input_path``; returns the segmentation files written."""
+    return predictor.predict(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}, log=log)
