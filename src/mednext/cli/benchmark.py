@@ -84,6 +84,7 @@ def run_step(args: argparse.Namespace) -> int:
             f"mednext benchmark --model {args.model} --kernel {args.kernel} --dims {args.dims} "
             f"--patch {' '.join(map(str, patch))} --batch {args.batch} --device {args.device} "
             f"--repeats {args.repeats} --warmup {args.warmup}"
+            + (f" --threads {args.threads}" if args.threads else "")
             + (f" --variants {' '.join(args.variants)}" if args.variants else "")
             + (" --no-memory" if args.no_memory else "")
             + (" --in-process" if args.in_process else "")
