@@ -28,7 +28,7 @@ import sys
 
 WORKER = """
 import json, resource, sys, time, torch
-from mednext.benchmark import _worker_setup
+from mednext.bench.step import _worker_setup
 from mednext.nn.summary import training_step
 spec = json.loads(sys.argv[1])
 m, x, target, opt = _worker_setup(spec)

@@ -497,7 +497,7 @@ def graphed(model, x):
 
 @section("steps")
 def steps(preset: str, kernel: int, size: int, batch: int, variants: list[str]):
-    from mednext.benchmark import build_variants
+    from mednext.bench.step import build_variants
 
     torch.backends.cudnn.benchmark = True
     models = build_variants(preset, kernel, 3, 1, 4)
@@ -553,7 +553,7 @@ def profile(preset: str, kernel: int, size: int, batch: int, variant: str, out_d
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
 
-    from mednext.benchmark import build_variants
+    from mednext.bench.step import build_variants
     from mednext.nn import ops
 
     torch.backends.cudnn.benchmark = True

@@ -1,10 +1,30 @@
 """The benchmark runs all variants on the same weights and refuses to time diverging models."""
 
+import sys
+
 import pytest
 import torch
 
-from mednext.benchmark import build_variants, check_parity, write_markdown
+from mednext.bench.step import build_variants, check_parity, write_markdown
 from mednext.cli import main
+from mednext.errors import UserError
+
+
+@pytest.fixture()
+def without_monai(monkeypatch):
+    """Imports of MONAI fail, as where the `bench` extra is not installed."""
+    for name in ("monai", "monai.networks.nets.mednext"):
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+def test_missing_monai_names_the_extra(without_monai, capsys):
+    rc = main(["benchmark", "--dims", "2", "--patch", "32", "--repeats", "1", "--no-memory"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "mednext benchmark: error:" in err and 'pip install "mednext[bench]"' in err
+    assert "Traceback" not in err
+    with pytest.raises(UserError, match=r"mednext\[bench\]"):
+        build_variants("S", 3, 2, 1, 3)
 
 
 def test_variants_share_weights_and_outputs():
@@ -31,7 +51,7 @@ def test_benchmark_command_writes_table(tmp_path, capsys):
 
 
 def test_write_markdown_appends(tmp_path):
-    from mednext.benchmark import BenchmarkResult
+    from mednext.bench.step import BenchmarkResult
 
     r = BenchmarkResult("S", 3, 3, (8, 8, 8), 1, "cpu", 1, 1, {"monai": 0.0, "monai_cl": 0.0})
     r.train_s = {"monai": [2.0], "monai_cl": [1.0]}
@@ -45,7 +65,7 @@ def test_write_markdown_appends(tmp_path):
 
 
 def test_unknown_variant_is_refused():
-    from mednext.benchmark import run_benchmark
+    from mednext.bench.step import run_benchmark
 
     with pytest.raises(ValueError, match="unknown benchmark variant"):
         run_benchmark(variants=("monai", "monai_cl", "ours_fast"))
@@ -53,7 +73,7 @@ def test_unknown_variant_is_refused():
 
 @pytest.mark.slow
 def test_kept_memory_variants_are_timed_and_labelled(tmp_path):
-    from mednext.benchmark import machine_description, run_benchmark
+    from mednext.bench.step import machine_description, run_benchmark
 
     result = run_benchmark(
         "S", 3, 3, (32, 32, 32), 1, repeats=1, warmup=0, threads=1, memory=False,

@@ -12,7 +12,7 @@ pytest.importorskip("nnunetv2")
 pytest.importorskip("monai")
 sitk = pytest.importorskip("SimpleITK")
 
-from mednext.benchmark_predict import (  # noqa: E402
+from mednext.bench.predict import (  # noqa: E402
     _stock_predictor,
     agreement,
     count_tiles,

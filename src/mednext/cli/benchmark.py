@@ -1,4 +1,8 @@
-"""``mednext benchmark``: our MedNeXt against MONAI's, same weights, side by side in one run."""
+"""``mednext benchmark``: our MedNeXt against MONAI's, same weights, side by side in one run.
+
+The command of the optional :mod:`mednext.bench` part: it needs MONAI (``pip install "mednext[bench]"``)
+and says so, without a traceback, when MONAI is missing.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="time training step and inference against MONAI's MedNeXt (same weights)",
         description="--task step (default): a training step and an inference forward against MONAI's MedNeXt. "
         "--task predict: a whole CT volume predicted by `mednext predict` and by nnU-Net's stock predictor "
-        "running MONAI's MedNeXt with the same weights (time, peak memory, agreement).",
+        "running MONAI's MedNeXt with the same weights (time, peak memory, agreement). "
+        'Needs MONAI: pip install "mednext[bench]".',
     )
     p.add_argument("--task", choices=("step", "predict"), default="step", help="what to time (default: step)")
     p.add_argument("--model", default="S", type=str.upper, choices=("S", "B", "M", "L"))
@@ -51,11 +56,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
+    from mednext.bench import require_monai
 
+    require_monai()  # a clear error before any work when MONAI is missing
     if args.task == "predict":
         return run_predict(args)
-    from mednext.benchmark import VARIANTS, machine_description, run_benchmark, write_markdown
+    return run_step(args)
+
+
+def run_step(args: argparse.Namespace) -> int:
+    import sys
+
+    from mednext.bench.step import VARIANTS, machine_description, run_benchmark, write_markdown
 
     patch = args.patch * args.dims if len(args.patch) == 1 else args.patch
     if len(patch) != args.dims:
@@ -72,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
             f"mednext benchmark --model {args.model} --kernel {args.kernel} --dims {args.dims} "
             f"--patch {' '.join(map(str, patch))} --batch {args.batch} --device {args.device} "
             f"--repeats {args.repeats} --warmup {args.warmup}"
+            + (f" --threads {args.threads}" if args.threads else "")
             + (f" --variants {' '.join(args.variants)}" if args.variants else "")
             + (" --no-memory" if args.no_memory else "")
             + (" --in-process" if args.in_process else "")
@@ -83,8 +96,8 @@ def run(args: argparse.Namespace) -> int:
 def run_predict(args: argparse.Namespace) -> int:
     import sys
 
-    from mednext.benchmark import machine_description
-    from mednext.benchmark_predict import example_ct, run_predict_benchmark, write_markdown
+    from mednext.bench.predict import example_ct, run_predict_benchmark, write_markdown
+    from mednext.bench.step import machine_description
 
     if args.dims != 3:
         raise ValueError("--task predict benchmarks a 3D CT volume; use --dims 3")

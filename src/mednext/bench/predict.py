@@ -5,12 +5,11 @@ One 3D CT volume (by default the demo's cached TotalSegmentator example CT) is s
 - ``ours``: :func:`mednext.pipeline.predict.predict`, what ``mednext predict`` runs, with our
   MedNeXt and its default fast path, read from an nnU-Net v2 results folder;
 - ``engine_monai``: nnU-Net v2's ``nnUNetPredictor`` as shipped, driven through its own
-  ``predict_from_files_sequential``, holding MONAI 1.6.1's ``MedNeXt`` with the same weights
-  (ours expressed in MONAI's layout by :func:`mednext.nn.weights.to_monai`, outputs compared on a
+  ``predict_from_files_sequential``, holding MONAI's ``MedNeXt`` with the same weights
+  (ours expressed in MONAI's layout by :func:`mednext.nn.to_monai`, outputs compared on a
   random patch before anything is timed);
 - ``engine_ours`` (optional): the same stock predictor holding our network, which separates what
-  the network gains from what the predictor around it gains (it is what ``mednext predict`` ran
-  before it had its own CPU sliding window);
+  the network gains from what the predictor around it gains;
 - ``ours_1tile`` (optional): ``mednext predict`` with one tile per forward (the effect of batching).
 
 All read the same image file and the same plans (spacing, patch, normalisation), with tile step
@@ -41,9 +40,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from mednext.bench import monai_name, require_monai
+from mednext.demo.data import ExampleFiles, fetch_example_scans
+from mednext.files import atomic_write, atomic_write_json, atomic_write_text
+from mednext.nn import MedNeXt, create_mednext, safe_torch_load, to_monai
+from mednext.nn.summary import peak_rss_rise
+from mednext.pipeline.predict import predict, sliding_window_logits
+from mednext.pipeline.workdir import use_workdir
+
 VARIANTS = ("engine_monai", "engine_ours", "ours_1tile", "ours")
 LABELS = {
-    "engine_monai": "nnUNetPredictor (stock) + MONAI 1.6.1 MedNeXt",
+    "engine_monai": f"nnUNetPredictor (stock) + {monai_name()} MedNeXt",
     "engine_ours": "nnUNetPredictor (stock) + our MedNeXt",
     "ours_1tile": "mednext predict, 1 tile per forward",
     "ours": "mednext predict (ours)",
@@ -96,8 +103,6 @@ def example_ct(z_range: tuple[int, int] | None = (48, 112), cache_dir: str | os.
     optionally cut to the axial slices ``z_range`` (default: the upper 64, abdomen to lower chest),
     and the matching crop of its label map (for the intensity statistics of the plans)."""
     import SimpleITK as sitk
-
-    from mednext.demo.data import ExampleFiles, fetch_example_scans
 
     files = ExampleFiles(fetch_example_scans(cache_dir, quiet=True))
     image = sitk.ReadImage(str(files.train_image))
@@ -190,12 +195,8 @@ def setup_benchmark(
     resampling is then the identity), its patch ``patch`` in nnU-Net's (z, y, x) order.
     """
     import SimpleITK as sitk
-    from monai.networks.nets import MedNeXt as MonaiMedNeXt
 
-    from mednext.nn import create_mednext
-    from mednext.nn.weights import to_monai
-    from mednext.pipeline.workdir import use_workdir
-
+    monai_network = require_monai().MedNeXt
     workdir = Path(workdir)
     folders = use_workdir(workdir)
     inputs = workdir / "input"
@@ -209,7 +210,7 @@ def setup_benchmark(
     torch.manual_seed(seed)
     ours = create_mednext(preset, 1, num_classes, kernel_size=kernel_size, **(model_overrides or {})).eval()
     monai_kwargs, monai_sd = to_monai(ours)
-    monai = MonaiMedNeXt(**monai_kwargs).eval()
+    monai = monai_network(**monai_kwargs).eval()
     monai.load_state_dict(monai_sd)
     torch.manual_seed(seed + 1)
     x = torch.randn(1, 1, *patch)
@@ -230,16 +231,16 @@ def setup_benchmark(
     }
     folder = folders.results / DATASET / f"{TRAINER}__{PLANS}__{CONFIGURATION}"
     (folder / "fold_0").mkdir(parents=True, exist_ok=True)
-    (folder / "plans.json").write_text(json.dumps(plans, indent=1))
-    (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=1))
+    atomic_write_json(folder / "plans.json", plans, indent=1)
+    atomic_write_json(folder / "dataset.json", dataset_json, indent=1)
     checkpoint = {
         "network_weights": ours.state_dict(),
         "trainer_name": TRAINER,
         "inference_allowed_mirroring_axes": (0, 1, 2),
     }
-    torch.save(checkpoint, folder / "fold_0" / "checkpoint_final.pth")
+    atomic_write(folder / "fold_0" / "checkpoint_final.pth", lambda tmp: torch.save(checkpoint, tmp))
     monai_weights = workdir / "monai_mednext.pt"
-    torch.save(monai.state_dict(), monai_weights)
+    atomic_write(monai_weights, lambda tmp: torch.save(monai.state_dict(), tmp))
     return PredictSetup(
         workdir=workdir, results_folder=folder, image=image_path, monai_kwargs=monai_kwargs,
         monai_weights=monai_weights, shape_zyx=shape_zyx, spacing_zyx=spacing_zyx,
@@ -254,8 +255,6 @@ def predict_ours(
     setup: PredictSetup, out_dir: Path, tta: bool, save_probabilities: bool = False, tile_batch: int = 2
 ) -> None:
     """``mednext predict -i <image> -o <out_dir> --dataset ... --device cpu [--no-tta]``."""
-    from mednext.pipeline.predict import predict
-
     predict(
         setup.image, out_dir, dataset=DATASET, configuration=CONFIGURATION, workdir=setup.workdir,
         device="cpu", tta=tta, step_size=0.5, save_probabilities=save_probabilities, log=lambda _: None,
@@ -287,19 +286,13 @@ def predict_engine(
     """The engine's stock ``nnUNetPredictor.predict_from_files_sequential`` with MONAI's MedNeXt
     (``network='monai'``) or ours (``'ours'``), weights read from disk with ``weights_only=True``."""
     if network == "monai":
-        from monai.networks.nets import MedNeXt as MonaiMedNeXt
-
-        net = MonaiMedNeXt(**setup.monai_kwargs)
-        weights = torch.load(setup.monai_weights, map_location="cpu", weights_only=True)
+        net = require_monai().MedNeXt(**setup.monai_kwargs)
+        weights = safe_torch_load(setup.monai_weights)
     else:
-        from mednext.pipeline.predict import load_checkpoint
-
         plans = json.loads((setup.results_folder / "plans.json").read_text())
-        from mednext.nn import MedNeXt
-
         arch = plans["configurations"][CONFIGURATION]["architecture"]["arch_kwargs"]
         net = MedNeXt(in_channels=1, num_classes=setup.num_classes, **arch)
-        weights = load_checkpoint(setup.results_folder / "fold_0" / "checkpoint_final.pth")["network_weights"]
+        weights = safe_torch_load(setup.results_folder / "fold_0" / "checkpoint_final.pth")["network_weights"]
     net.load_state_dict(weights)
     predictor = _stock_predictor(setup, net.eval(), weights, tta)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -351,7 +344,7 @@ class VariantProcess:
 
     def __init__(self, setup: PredictSetup, variant: str, tta: bool, threads: int, tile_batch: int = 2):
         self.variant = variant
-        code = "from mednext.benchmark_predict import _worker; _worker()"
+        code = "from mednext.bench.predict import _worker; _worker()"
         self.proc = subprocess.Popen(
             [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
         )
@@ -418,18 +411,13 @@ def agreement(reference_dir: Path, other_dir: Path) -> Agreement:
 def float32_agreement(setup: PredictSetup, tta: bool, tile_batch: int = 2) -> Agreement:
     """Our network against MONAI's through the same sliding window with float32 sums (the engine
     sums in float16): what differs between the two networks alone, on the preprocessed case."""
-    from monai.networks.nets import MedNeXt as MonaiMedNeXt
-
-    from mednext.nn import MedNeXt
-    from mednext.pipeline.predict import load_checkpoint, sliding_window_logits
-
     plans = json.loads((setup.results_folder / "plans.json").read_text())
     dataset_json = json.loads((setup.results_folder / "dataset.json").read_text())
     arch = plans["configurations"][CONFIGURATION]["architecture"]["arch_kwargs"]
     ours = MedNeXt(in_channels=1, num_classes=setup.num_classes, **arch).eval()
-    ours.load_state_dict(load_checkpoint(setup.results_folder / "fold_0" / "checkpoint_final.pth")["network_weights"])
-    monai = MonaiMedNeXt(**setup.monai_kwargs).eval()
-    monai.load_state_dict(torch.load(setup.monai_weights, map_location="cpu", weights_only=True))
+    ours.load_state_dict(safe_torch_load(setup.results_folder / "fold_0" / "checkpoint_final.pth")["network_weights"])
+    monai = require_monai().MedNeXt(**setup.monai_kwargs).eval()
+    monai.load_state_dict(safe_torch_load(setup.monai_weights))
     predictor = _stock_predictor(setup, monai, monai.state_dict(), tta)
     preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
     with contextlib.redirect_stdout(io.StringIO()):
@@ -453,8 +441,6 @@ def float32_agreement(setup: PredictSetup, tta: bool, tile_batch: int = 2) -> Ag
 
 def _memory_worker(spec: dict[str, Any]) -> float:
     """Peak-RSS rise (MiB) of one whole prediction of one variant, in a fresh process."""
-    from mednext.nn.summary import peak_rss_rise
-
     torch.set_num_threads(spec["threads"])
     setup = PredictSetup.from_json(spec["setup"])
     out = Path(spec["out"])
@@ -470,7 +456,7 @@ def measure_memory(setup: PredictSetup, variant: str, tta: bool, threads: int, t
         "tile_batch": tile_batch,
     }  # fmt: skip
     code = (
-        "import json,sys; from mednext.benchmark_predict import _memory_worker; "
+        "import json,sys; from mednext.bench.predict import _memory_worker; "
         "print(_memory_worker(json.loads(sys.argv[1])))"
     )
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True)
@@ -655,7 +641,7 @@ def write_markdown(path: str | os.PathLike, result: PredictBenchmarkResult, mach
         "rise of a fresh process during one prediction; agreement is against the stock engine + MONAI run"
         + (
             f"\n- ours / stock engine + MONAI: **{result.median('ours') / result.median('engine_monai'):.2f}x** "
-            f"(target <= 0.5x); max abs probability difference {a.max_abs_prob_diff:.1e}, "
+            f"; max abs probability difference {a.max_abs_prob_diff:.1e}, "
             f"{a.voxels_argmax_differ} voxels with a different argmax"
             if a is not None
             else ""
@@ -670,7 +656,4 @@ def write_markdown(path: str | os.PathLike, result: PredictBenchmarkResult, mach
         )
         + f"\n\n{result.table()}\n"
     )
-    tmp = target.with_suffix(target.suffix + ".tmp")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(old.rstrip("\n") + "\n" + section)
-    os.replace(tmp, target)
+    atomic_write_text(target, old.rstrip("\n") + "\n" + section)

@@ -1,10 +1,10 @@
 """Speed and memory of our MedNeXt against MONAI's, side by side in one run, same weights.
 
-Variants: MONAI 1.6.1's MedNeXt as shipped (NCDHW), MONAI in ``channels_last_3d``, ours with
-the fast path off (plain NCDHW convolutions) and ours as users get it (fast path on for 3D,
-plain for 2D). All four hold the same weights (MONAI's, converted by
-:func:`mednext.nn.weights.load_pretrained`), and the outputs are checked against MONAI's in the
-same run before anything is timed.
+Variants: MONAI's MedNeXt as shipped (NCDHW), MONAI in ``channels_last_3d``, ours with the fast
+path off (plain NCDHW convolutions) and ours as users get it (fast path on for 3D, plain for 2D),
+plus, asked for by name, MONAI's and ours with freed memory kept in the process. All hold the same
+weights (MONAI's, converted by :func:`mednext.nn.load_pretrained`), and the outputs are checked
+against MONAI's in the same run before anything is timed.
 """
 
 from __future__ import annotations
@@ -19,11 +19,16 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from mednext.bench import monai_name, require_monai
+from mednext.files import atomic_write_text
+from mednext.memory import reuse_freed_memory
+from mednext.nn import load_pretrained
 from mednext.nn.summary import peak_rss_rise, training_step
 
 VARIANTS = ("monai", "monai_cl", "ours_plain", "ours")
@@ -31,12 +36,13 @@ VARIANTS = ("monai", "monai_cl", "ours_plain", "ours")
 # `mednext train` and `mednext predict` run on the CPU: not in the default set, asked for by name.
 KEPT_MEMORY_VARIANTS = ("monai_kept", "ours_kept")
 ALL_VARIANTS = VARIANTS + KEPT_MEMORY_VARIANTS
+_MONAI = monai_name()
 LABELS = {
-    "monai": "MONAI 1.6.1 as shipped",
-    "monai_cl": "MONAI 1.6.1, channels_last_3d",
+    "monai": f"{_MONAI} as shipped",
+    "monai_cl": f"{_MONAI}, channels_last_3d",
     "ours_plain": "mednext, fast path off",
     "ours": "mednext (default)",
-    "monai_kept": "MONAI 1.6.1 as shipped, freed memory kept",
+    "monai_kept": f"{_MONAI} as shipped, freed memory kept",
     "ours_kept": "mednext (default), freed memory kept (as mednext train on the CPU)",
 }
 
@@ -54,11 +60,8 @@ def _sync(device: torch.device) -> None:
 def build_variants(
     preset: str, kernel_size: int, spatial_dims: int, in_channels: int, num_classes: int, seed: int = 0
 ) -> dict[str, nn.Module]:
-    """The four variants with identical weights (MONAI's random initialisation, converted)."""
-    from monai.networks.nets.mednext import create_mednext as monai_create
-
-    from mednext.nn.weights import load_pretrained
-
+    """Every variant with identical weights (MONAI's random initialisation, converted)."""
+    monai_create = require_monai().create_mednext
     torch.manual_seed(seed)
     monai = monai_create(
         preset, spatial_dims=spatial_dims, in_channels=in_channels, out_channels=num_classes,
@@ -168,8 +171,6 @@ def _worker_setup(spec: dict[str, Any]) -> tuple[nn.Module, torch.Tensor, torch.
 
 def _memory_worker(spec: dict[str, Any]) -> float:
     """Peak RSS rise of one training step of one variant, in a fresh process."""
-    from mednext.memory import reuse_freed_memory
-
     model, x, target, opt = _worker_setup(spec)
     with reuse_freed_memory(spec["variant"] in KEPT_MEMORY_VARIANTS):
         return peak_rss_rise(lambda: training_step(model, x, target, opt)) / 2**20
@@ -179,8 +180,6 @@ def _timing_worker(spec: dict[str, Any]) -> dict[str, float]:
     """One round of one variant in a fresh process: ``warmup`` untimed training steps, one timed,
     then one untimed and one timed inference forward. A kept-memory variant keeps freed memory
     for the whole process, as ``mednext train`` does for its epoch loop."""
-    from mednext.memory import reuse_freed_memory
-
     model, x, target, opt = _worker_setup(spec)
     dev = torch.device("cpu")
     with reuse_freed_memory(spec["variant"] in KEPT_MEMORY_VARIANTS):
@@ -192,9 +191,10 @@ def _timing_worker(spec: dict[str, Any]) -> dict[str, float]:
 
 
 def _in_fresh_process(worker: str, spec: dict[str, Any]) -> Any:
-    """``mednext.benchmark.<worker>(spec)`` run in a new Python process; its JSON result."""
+    """``mednext.bench.step.<worker>(spec)`` run in a new Python process; its JSON result."""
     code = (
-        f"import json,sys; from mednext.benchmark import {worker}; print(json.dumps({worker}(json.loads(sys.argv[1]))))"
+        f"import json,sys; from mednext.bench.step import {worker}; "
+        f"print(json.dumps({worker}(json.loads(sys.argv[1]))))"
     )
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True)
     if proc.returncode != 0:
@@ -237,9 +237,7 @@ def run_benchmark(
     ``fresh_processes`` (default: on the CPU): every round of every variant runs in a new Python
     process (``warmup`` untimed steps first, at least one), as a user's script would. In one
     process the variants timed later reuse heap memory that earlier ones freed, which on the CPU
-    changes a step's time by up to 2x (docs/benchmarks.md, session 5)."""
-    from mednext.memory import reuse_freed_memory
-
+    changes a step's time a lot (see mednext.memory)."""
     unknown = [v for v in variants if v not in ALL_VARIANTS]
     if unknown:
         raise ValueError(f"unknown benchmark variant(s) {unknown}; choose from {' '.join(ALL_VARIANTS)}")
@@ -257,7 +255,7 @@ def run_benchmark(
     parity = check_parity(models, x)
     log("parity (max |out - MONAI| / max |MONAI|): " + ", ".join(f"{k} {v:.1e}" for k, v in parity.items()))
     # MONAI's own network in channels_last runs PyTorch's channels-last kernels, whose float32 sums
-    # differ more (1.9e-4 measured for S k3 2D at 112x128): it gets 1e-3, our variants 1e-4.
+    # round differently from the NCDHW ones: it gets 1e-3, our variants 1e-4.
     bad = {k: v for k, v in parity.items() if v > (1e-3 if k == "monai_cl" else 1e-4)}
     if bad:
         raise RuntimeError(
@@ -329,8 +327,6 @@ def machine_description(device: str = "cpu") -> str:
 
 def write_markdown(path: str | os.PathLike, result: BenchmarkResult, machine: str, command: str) -> None:
     """Append one result (heading, machine, command, table) to a Markdown file, atomically."""
-    from pathlib import Path
-
     target = Path(path)
     old = target.read_text() if target.exists() else "# Benchmarks\n"
     patch = "x".join(map(str, result.patch))
@@ -341,7 +337,4 @@ def write_markdown(path: str | os.PathLike, result: BenchmarkResult, machine: st
         f"{'max_memory_allocated' if result.device.startswith('cuda') else 'the peak-RSS rise of a fresh process'} "
         f"during one training step\n\n{result.table()}\n"
     )
-    tmp = target.with_suffix(target.suffix + ".tmp")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(old.rstrip("\n") + "\n" + section)
-    os.replace(tmp, target)
+    atomic_write_text(target, old.rstrip("\n") + "\n" + section)
