@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("nnunetv2")
 pytest.importorskip("monai")
 sitk = pytest.importorskip("SimpleITK")
 
 from mednext.bench.predict import (  # noqa: E402
-    _stock_predictor,
     agreement,
     count_tiles,
     run_predict_benchmark,
@@ -21,8 +17,6 @@ from mednext.bench.predict import (  # noqa: E402
     setup_benchmark,
     write_markdown,
 )
-from mednext.nn import MedNeXt  # noqa: E402
-from mednext.pipeline.predict import sliding_window_logits  # noqa: E402
 
 TINY = {"width": 8, "block_counts": 1}  # S's layout (4 stages, k3), narrow and shallow
 
@@ -44,44 +38,6 @@ def setup(tmp_path, monkeypatch, one_thread):
     for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         monkeypatch.delenv(var, raising=False)
     return setup_benchmark(tmp_path / "bench", _ct(), None, patch=(16, 32, 32), num_classes=3, model_overrides=TINY)
-
-
-def _networks(setup):
-    plans = json.loads((setup.results_folder / "plans.json").read_text())
-    arch = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
-    net = MedNeXt(1, setup.num_classes, **arch)
-    weights = torch.load(setup.results_folder / "fold_0" / "checkpoint_final.pth", weights_only=True)
-    net.load_state_dict(weights["network_weights"])
-    return net.eval(), weights["network_weights"]
-
-
-@pytest.mark.parametrize("tta", [False, True])
-def test_one_tile_per_forward_equals_the_engine_bit_for_bit(setup, tta):
-    net, weights = _networks(setup)
-    predictor = _stock_predictor(setup, net, weights, tta)
-    torch.manual_seed(0)
-    data = torch.randn(1, 24, 40, 44)  # padded nowhere; 2 x 2 x 2 tiles of 16 x 32 x 32
-    engine = predictor.predict_logits_from_preprocessed_data(data)
-    ours = sliding_window_logits(net, data, (16, 32, 32), 3, 0.5, (0, 1, 2) if tta else None, tile_batch=1)
-    assert ours.dtype == engine.dtype == torch.float16
-    assert torch.equal(ours, engine)
-    # Several tiles per forward: the network's rounding differs by a few float32 ulps with the batch
-    # size, which float16 sums turn into at most one float16 step here and there.
-    batched = sliding_window_logits(net, data, (16, 32, 32), 3, 0.5, (0, 1, 2) if tta else None, tile_batch=4)
-    step = torch.finfo(torch.float16).eps * engine.float().abs().clamp_min(1)
-    assert ((batched.float() - engine.float()).abs() <= 2 * step).all()
-    # A float32 sum is the accurate one; the engine's float16 sum is off where only tile rims overlap.
-    exact = sliding_window_logits(net, data, (16, 32, 32), 3, 0.5, None, 3, accumulate=torch.float32)
-    assert exact.dtype == torch.float32 and exact.shape == engine.shape
-
-
-def test_small_volume_is_padded_like_the_engine(setup):
-    net, weights = _networks(setup)
-    predictor = _stock_predictor(setup, net, weights, False)
-    data = torch.randn(1, 10, 20, 50)  # smaller than the patch on two axes
-    engine = predictor.predict_logits_from_preprocessed_data(data)
-    ours = sliding_window_logits(net, data, (16, 32, 32), 3, 0.5, None, tile_batch=1)
-    assert ours.shape == (3, 10, 20, 50) and torch.equal(ours, engine)
 
 
 @pytest.mark.slow

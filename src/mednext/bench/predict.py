@@ -2,7 +2,7 @@
 
 One 3D CT volume (by default the demo's cached TotalSegmentator example CT) is segmented by
 
-- ``ours``: :func:`mednext.pipeline.predict.predict`, what ``mednext predict`` runs, with our
+- ``ours``: :func:`mednext.pipeline.predictor.predict`, what ``mednext predict`` runs, with our
   MedNeXt and its default fast path, read from an nnU-Net v2 results folder;
 - ``engine_monai``: nnU-Net v2's ``nnUNetPredictor`` as shipped, driven through its own
   ``predict_from_files_sequential``, holding MONAI's ``MedNeXt`` with the same weights
@@ -45,7 +45,7 @@ from mednext.demo.data import ExampleFiles, fetch_example_scans
 from mednext.files import atomic_write, atomic_write_json, atomic_write_text
 from mednext.nn import MedNeXt, create_mednext, safe_torch_load, to_monai
 from mednext.nn.summary import peak_rss_rise
-from mednext.pipeline.predict import predict, sliding_window_logits
+from mednext.pipeline.predictor import MedNeXtPredictor, predict
 from mednext.pipeline.workdir import use_workdir
 
 VARIANTS = ("engine_monai", "engine_ours", "ours_1tile", "ours")
@@ -425,11 +425,11 @@ def float32_agreement(setup: PredictSetup, tta: bool, tile_batch: int = 2) -> Ag
             [str(setup.image)], None, predictor.plans_manager, predictor.configuration_manager, dataset_json
         )
     data = torch.from_numpy(data)
-    axes = (0, 1, 2) if tta else None
-    probs = [
-        torch.softmax(sliding_window_logits(net, data, setup.patch, setup.num_classes, 0.5, axes, b, torch.float32), 0)
-        for net, b in ((monai, 1), (ours, tile_batch))
-    ]
+    probs = []
+    for net, batch in ((monai, 1), (ours, tile_batch)):
+        stock = predictor if net is monai else _stock_predictor(setup, net, net.state_dict(), tta)
+        window = MedNeXtPredictor.from_predictor(stock, batch, torch.float32)
+        probs.append(torch.softmax(window.predict_sliding_window_return_logits(data), 0))
     diff = (probs[0] - probs[1]).abs().amax(0)
     return Agreement(
         max_abs_prob_diff=float(diff.max()),
