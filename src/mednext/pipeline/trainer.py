@@ -719,7 +719,7 @@ def _run_fold(
             report = transfer_weights(trainer._unwrapped(), pretrained)
             trainer.print_to_log_file(f"initialised from {pretrained}: {report.summary()}")
         if upkern_from:
-            from mednext.nn.upkern import upkern
+            from mednext.nn import upkern
 
             report = upkern(trainer._unwrapped(), upkern_from)
             trainer.print_to_log_file(f"UpKern from {upkern_from}: {report.summary()}")
