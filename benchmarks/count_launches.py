@@ -3,7 +3,7 @@ on the CPU.
 
 On a GPU, part of MedNeXt-L's step is spent waiting for Python to launch kernels (docs/benchmarks.md),
 so the number of launches per step is a cost of its own. This script counts them without a GPU: the
-network runs the CUDA route's code (``ops.FORCE_CUDA_ROUTE``) under autocast on the CPU, with the
+network runs the CUDA route's code (``config.set_force_cuda_route``) under autocast on the CPU, with the
 Triton kernels replaced by stand-ins that only count their launches (the numbers it computes are
 meaningless; the sequence of operations is the route's). ATen operations that launch work are the
 profiler's leaf operations other than views, allocations and metadata.
@@ -53,17 +53,16 @@ class _CountingKernel:
 
 
 def count(preset: str, kernel: int, size: int, route: dict[str, str]) -> tuple[int, collections.Counter]:
-    os.environ["TRITON_INTERPRET"] = "1"  # ops.triton_ops hands out the module on the CPU
-    from mednext import create_mednext
-    from mednext.nn import ops, triton_ops
+    os.environ["TRITON_INTERPRET"] = "1"  # cuda_route.triton_kernels hands out the module on the CPU
+    from mednext import config, create_mednext
+    from mednext.nn.kernels import triton as triton_kernels
     from mednext.nn.summary import deep_supervision_loss
 
     triton_counts: collections.Counter = collections.Counter()
-    for name in triton_ops.KERNELS:
-        setattr(triton_ops, name, _CountingKernel(triton_counts, f"triton::{name}"))
-    ops._TRITON[:] = [triton_ops]
-    ops.FORCE_CUDA_ROUTE = True
-    ops.CUDA_ROUTE.update(layout="channels_last", depthwise="triton", **route)
+    for name in triton_kernels.KERNELS:
+        setattr(triton_kernels, name, _CountingKernel(triton_counts, f"triton::{name}"))
+    config.set_force_cuda_route(True)
+    config.set_cuda_route(layout="channels_last", depthwise="triton", **route)
     torch.manual_seed(0)
     model = create_mednext(preset, in_channels=1, num_classes=4, kernel_size=kernel, deep_supervision=True)
     model.set_grad_checkpointing(False)
@@ -93,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="L", choices=["S", "B", "M", "L"])
     p.add_argument("--kernel", type=int, default=5)
     p.add_argument("--size", type=int, default=32, help="cube edge of the input (launches do not depend on it)")
-    p.add_argument("--route", nargs="*", default=[], help="CUDA_ROUTE overrides, e.g. norm=triton")
+    p.add_argument(
+        "--route", nargs="*", default=[], help="cuda_route parts, e.g. norm=triton (mednext.config.CudaRoute)"
+    )
     p.add_argument("--top", type=int, default=15)
     args = p.parse_args(argv)
     route = dict(kv.split("=", 1) for kv in args.route)

@@ -105,25 +105,23 @@ def parse_variant(name: str) -> tuple[str, dict]:
     return base, dict(kv.split("=") for kv in route.split(",")) if route else {}
 
 
-def set_route(default: dict, overrides: dict | None = None) -> None:
-    """ops.CUDA_ROUTE := default, then the overrides."""
-    from mednext.nn import ops
+def set_route(default, overrides: dict | None = None) -> None:
+    """The CUDA route := ``default`` (a mednext.config.CudaRoute), then the overrides (its parts)."""
+    from mednext import config
 
-    ops.CUDA_ROUTE.clear()
-    ops.CUDA_ROUTE.update(default)
-    ops.CUDA_ROUTE.update(overrides or {})
+    config.set_cuda_route(default, **(overrides or {}))
 
 
 @section("correctness")
 def correctness():
     from mednext import create_mednext
-    from mednext.nn import ops
+    from mednext.nn.kernels import cuda_route, polyphase
 
     out = {}
     torch.backends.cudnn.allow_tf32 = False  # the plain path's convs would otherwise run in TF32
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(0)
-    kernels = ops.triton_ops(torch.empty(0, device=DEV))
+    kernels = cuda_route.triton_kernels(torch.empty(0, device=DEV))
     if kernels is not None:
         for dims in (3, 2):
             for k in (3, 5, 1):
@@ -188,12 +186,12 @@ def correctness():
         for name, fn, ref in (
             (
                 "transpose",
-                lambda: ops.depthwise_conv_transpose_polyphase(x, w, None, (2, 2, 2)),
+                lambda: polyphase.depthwise_conv_transpose_polyphase(x, w, None, (2, 2, 2)),
                 lambda: F.conv_transpose3d(x, w, None, stride=2, padding=k // 2, groups=c),
             ),
             (
                 "strided",
-                lambda: ops.depthwise_conv_strided_polyphase(x, w, None, (2, 2, 2)),
+                lambda: polyphase.depthwise_conv_strided_polyphase(x, w, None, (2, 2, 2)),
                 lambda: F.conv3d(x, w, None, stride=2, padding=k // 2, groups=c),
             ),
         ):
@@ -212,8 +210,7 @@ def correctness():
 def route_check(preset: str = "L", kernel: int = 5, size: int = 64):
     """The chosen CUDA route (e.g. the Triton kernels) against the plain path on one network,
     float32 with TF32 off: outputs and every parameter gradient, on a fresh random input."""
-    from mednext import create_mednext
-    from mednext.nn import ops
+    from mednext import config, create_mednext
 
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -221,7 +218,7 @@ def route_check(preset: str = "L", kernel: int = 5, size: int = 64):
     m = create_mednext(preset, kernel_size=kernel, in_channels=1, num_classes=4, deep_supervision=True).to(DEV)
     m.train().set_grad_checkpointing(False)
     x = torch.randn(1, 1, size, size, size, device=DEV)
-    default_route = dict(ops.CUDA_ROUTE)
+    default_route = config.get().cuda_route
     res = {}
     routes = {
         "plain": {"layout": "plain", "depthwise": "native"},
@@ -281,7 +278,7 @@ def time_forms(res: dict, prefix: str, layout: str, forms: dict, x, w, fb, fwd_r
 
 @section("ops")
 def op_timings():
-    from mednext.nn import ops
+    from mednext.nn.kernels import cuda_route, polyphase
 
     res = {}
     torch.backends.cudnn.benchmark = True
@@ -309,7 +306,7 @@ def op_timings():
                 fbt = timed(fb(native, x, w), repeats=3, warmup=1)
                 res[key] = {"fwd_ms": f, "fwd_bwd_ms": fbt}
                 log(f"{key}: fwd {f:.2f} ms, fwd+bwd {fbt:.2f} ms")
-            kernels = ops.triton_ops(x)
+            kernels = cuda_route.triton_kernels(x)
             if layout == "cl" and kernels is not None and wanted(layout, "triton"):
                 tri = lambda x, w: kernels.depthwise_conv(x, w, None, (1, 1, 1))  # noqa: E731
                 full_res = c == SHAPES["s1"][0][0]  # the settings are chosen at the full-resolution stage
@@ -341,8 +338,8 @@ def op_timings():
             forms = {
                 "native": lambda x, w: F.conv3d(x, w, None, stride=2, padding=2, groups=x.shape[1]),
                 "subsample": lambda x, w: F.conv3d(x, w, None, padding=2, groups=x.shape[1])[:, :, ::2, ::2, ::2],
-                "polyphase": lambda x, w: ops.depthwise_conv_strided_polyphase(x, w, None, (2, 2, 2)),
-                "triton": lambda x, w: ops.triton_ops(x).depthwise_conv(x, w, None, (2, 2, 2)),
+                "polyphase": lambda x, w: polyphase.depthwise_conv_strided_polyphase(x, w, None, (2, 2, 2)),
+                "triton": lambda x, w: cuda_route.triton_kernels(x).depthwise_conv(x, w, None, (2, 2, 2)),
             }
             time_forms(res, f"down k5 s2 {c}x{s}^3 {layout}", layout, forms, x, w, fb, fwd_repeats=5, fwd_warmup=2)
     for c, s in SHAPES["up"]:
@@ -361,8 +358,8 @@ def op_timings():
             forms = {
                 "native": lambda x, w: F.conv_transpose3d(x, w, None, stride=2, padding=2, groups=x.shape[1]),
                 "zero-insert": zero_insert,
-                "polyphase": lambda x, w: ops.depthwise_conv_transpose_polyphase(x, w, None, (2, 2, 2)),
-                "triton": lambda x, w: ops.triton_ops(x).depthwise_conv_transpose(x, w, None, (2, 2, 2)),
+                "polyphase": lambda x, w: polyphase.depthwise_conv_transpose_polyphase(x, w, None, (2, 2, 2)),
+                "triton": lambda x, w: cuda_route.triton_kernels(x).depthwise_conv_transpose(x, w, None, (2, 2, 2)),
             }
             time_forms(res, f"up k5 s2 {c}x{s}^3 {layout}", layout, forms, x, w, fb, fwd_repeats=3, fwd_warmup=1)
     # group norm and GELU at the full-resolution stage (fp16 in, autocast semantics)
@@ -395,9 +392,9 @@ def candidates():
     backward; the depthwise weight gradient with and without the bias gradient fused into it, against
     the separate sum it replaces; the forward kernel's tile and warps and the weight gradient's warps
     (timed, then restored: the steps run the shipped settings)."""
-    from mednext.nn import ops
+    from mednext.nn.kernels import cuda_route
 
-    kernels = ops.triton_ops(torch.empty(1, device=DEV))
+    kernels = cuda_route.triton_kernels(torch.empty(1, device=DEV))
     reps, warm = (5, 2) if DEV == "cuda" else (1, 0)  # the CPU dry run goes through Triton's interpreter
     res = {}
     for c, s in SHAPES["s1"]:
@@ -407,7 +404,7 @@ def candidates():
         b = torch.randn(c, device=DEV, requires_grad=True)
         forms = {
             "native ncdhw": (base, lambda x: F.group_norm(x, c, w, b, 1e-5)),
-            "manual cl": (cl(base), lambda x: ops.group_norm_channels_last(x, w, b, 1e-5)),
+            "manual cl": (cl(base), lambda x: cuda_route.group_norm_channels_last(x, w, b, 1e-5)),
         }
         if kernels is not None:
             forms["triton cl"] = (cl(base), lambda x: kernels.group_norm(x, w, b, 1e-5))
@@ -505,9 +502,9 @@ def steps(preset: str, kernel: int, size: int, batch: int, variants: list[str]):
     torch.manual_seed(1)
     x = torch.randn(batch, 1, size, size, size, device=DEV)
     target = torch.randint(0, 4, (batch, size, size, size), device=DEV)
-    from mednext.nn import ops
+    from mednext import config
 
-    default_route = dict(ops.CUDA_ROUTE)
+    default_route = config.get().cuda_route
     for name in variants:
         base, overrides = parse_variant(name)  # e.g. ours@norm=native,down=polyphase+ckpt
         set_route(default_route, overrides)
@@ -553,12 +550,12 @@ def profile(preset: str, kernel: int, size: int, batch: int, variant: str, out_d
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
 
+    from mednext import config
     from mednext.bench.step import build_variants
-    from mednext.nn import ops
 
     torch.backends.cudnn.benchmark = True
     variant, overrides = parse_variant(variant)  # e.g. ours@layout=channels_last,depthwise=triton
-    set_route(dict(ops.CUDA_ROUTE), overrides)
+    set_route(config.get().cuda_route, overrides)
     model = build_variants(preset, kernel, 3, 1, 4)[variant].to(DEV).train()
     if hasattr(model, "set_grad_checkpointing"):
         model.set_grad_checkpointing(False)

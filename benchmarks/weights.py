@@ -20,10 +20,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mednext.nn import MedNeXt, create_mednext
-from mednext.nn.checkpoint import load_checkpoint, save_checkpoint
-from mednext.nn.upkern import upkern
-from mednext.nn.weights import inflate_2d_to_3d, load_pretrained, to_monai, to_reference_state_dict
+from mednext.nn import (
+    MedNeXt,
+    create_mednext,
+    load_checkpoint,
+    load_pretrained,
+    save_checkpoint,
+    to_monai,
+    to_reference_state_dict,
+    upkern,
+)
+from mednext.nn.weights import inflate_2d_to_3d
 
 SIZES = {3: (32, 16, 16), 2: (32, 64)}
 
@@ -102,7 +109,7 @@ def parity() -> None:
 
 
 def export() -> None:
-    from mednext.nn.export import export_model, run_exported
+    from mednext.nn import export_model, run_exported
 
     cases = {
         "2D S k3, 1 channel": (create_mednext("S", 1, 3, spatial_dims=2), [(1, 1, 64, 64), (2, 1, 96, 48)]),

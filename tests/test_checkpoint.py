@@ -12,7 +12,7 @@ import torch
 
 from mednext import load_pretrained
 from mednext.nn import MedNeXt, create_mednext
-from mednext.nn.checkpoint import (
+from mednext.nn.weights.checkpoint import (
     CheckpointError,
     UnsafeCheckpointError,
     detect_preset,

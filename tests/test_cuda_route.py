@@ -1,7 +1,7 @@
 """The CUDA route of the fast path (polyphase strided / transposed depthwise convs, channels-last
 group norm, optional Triton kernels) computes the plain path's function.
 
-CI has no GPU, so the route's arithmetic is checked on the CPU (``ops.FORCE_CUDA_ROUTE``) in
+CI has no GPU, so the route's arithmetic is checked on the CPU (``config.override(force_cuda_route=True)``) in
 float64; the Triton kernels themselves are checked when Triton is installed, through its CPU
 interpreter (a subprocess, because the interpreter is chosen when the kernels are defined).
 """
@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mednext import MedNeXt
-from mednext.nn import ops
+from mednext import MedNeXt, config
+from mednext.nn.kernels import cuda_route
+from mednext.nn.kernels.polyphase import depthwise_conv_strided_polyphase, depthwise_conv_transpose_polyphase
 
 ROUTES = [
     {"depthwise": "native", "up": "polyphase", "down": "native", "norm": "manual"},
@@ -41,11 +42,11 @@ def test_polyphase_forms_equal_pytorch_float64(dims, kernel, stride):
         w = torch.randn(3, 1, *(kernel,) * dims, dtype=torch.float64)
         b = torch.randn(3, dtype=torch.float64)
         ref = convt(x, w, b, stride=stride, padding=kernel // 2, groups=3)
-        got = ops.depthwise_conv_transpose_polyphase(x, w, b, stride)
+        got = depthwise_conv_transpose_polyphase(x, w, b, stride)
         torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
         assert got.movedim(1, -1).is_contiguous()  # stays channels-last
         ref = conv(x, w, b, stride=stride, padding=kernel // 2, groups=3)
-        torch.testing.assert_close(ops.depthwise_conv_strided_polyphase(x, w, b, stride), ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(depthwise_conv_strided_polyphase(x, w, b, stride), ref, rtol=1e-12, atol=1e-12)
 
 
 def test_polyphase_gradients_gradcheck():
@@ -54,8 +55,8 @@ def test_polyphase_gradients_gradcheck():
     x.requires_grad_(True)
     w = torch.randn(2, 1, 3, 3, 3, dtype=torch.float64, requires_grad=True)
     b = torch.randn(2, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *a: ops.depthwise_conv_transpose_polyphase(*a, (2, 2, 2)), (x, w, b))
-    assert torch.autograd.gradcheck(lambda *a: ops.depthwise_conv_strided_polyphase(*a, (2, 1, 2)), (x, w, b))
+    assert torch.autograd.gradcheck(lambda *a: depthwise_conv_transpose_polyphase(*a, (2, 2, 2)), (x, w, b))
+    assert torch.autograd.gradcheck(lambda *a: depthwise_conv_strided_polyphase(*a, (2, 1, 2)), (x, w, b))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
@@ -64,7 +65,7 @@ def test_channels_last_group_norm(dtype):
     x = (5 + 2 * torch.randn(2, 6, 9, 10, 11, dtype=torch.float64)).contiguous(memory_format=torch.channels_last_3d)
     w, b = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
     ref = F.group_norm(x, 6, w, b, 1e-5)
-    got = ops.group_norm_channels_last(x.to(dtype), w, b, 1e-5)
+    got = cuda_route.group_norm_channels_last(x.to(dtype), w, b, 1e-5)
     assert got.dtype == (torch.float32 if dtype == torch.bfloat16 else dtype)  # like autocast's group norm
     assert got.movedim(1, -1).is_contiguous()
     tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
@@ -73,12 +74,9 @@ def test_channels_last_group_norm(dtype):
 
 @pytest.fixture
 def forced_route():
-    saved = dict(ops.CUDA_ROUTE)
-    ops.FORCE_CUDA_ROUTE = True
-    yield ops.CUDA_ROUTE
-    ops.FORCE_CUDA_ROUTE = False
-    ops.CUDA_ROUTE.clear()
-    ops.CUDA_ROUTE.update(saved)
+    """The CUDA route on CPU tensors; the test sets its parts (``forced_route(norm="native")``)."""
+    with config.override(force_cuda_route=True):
+        yield config.set_cuda_route
 
 
 @pytest.mark.parametrize("route", range(len(ROUTES)))
@@ -91,7 +89,7 @@ def forced_route():
     ids=["3d", "2d"],
 )
 def test_cuda_route_equals_plain_path_float64(forced_route, route, cfg):
-    forced_route.update(ROUTES[route])
+    forced_route(**ROUTES[route])
     torch.manual_seed(route)
     model = MedNeXt(2, 3, width=8, deep_supervision=True, **cfg).double().train()
     for p in model.parameters():
@@ -115,7 +113,7 @@ def test_cuda_route_equals_plain_path_float64(forced_route, route, cfg):
 TRITON_CHECK = textwrap.dedent(
     """
     import torch, torch.nn.functional as F
-    from mednext.nn import triton_ops as T
+    from mednext.nn.kernels import triton as T
     torch.manual_seed(0)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     worst = 0.0
@@ -155,8 +153,7 @@ TRITON_CHECK = textwrap.dedent(
 NETWORK_CHECK = textwrap.dedent(
     """
     import torch
-    from mednext import MedNeXt
-    from mednext.nn import ops
+    from mednext import MedNeXt, config
     torch.manual_seed(0)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     model = MedNeXt(2, 3, width=4, spatial_dims=2, strides=[2, 2], kernel_sizes=[3, 5, 3, 5, 3], deep_supervision=True)
@@ -164,16 +161,17 @@ NETWORK_CHECK = textwrap.dedent(
     for p in model.parameters():
         p.data.add_(0.1 * torch.randn_like(p))
     x = torch.randn(2, 2, 12, 12, device=dev)
-    ops.CUDA_ROUTE.update(layout="channels_last", depthwise="triton", norm="triton")
+    config.set_cuda_route(layout="channels_last", depthwise="triton", norm="triton")
     res = {}
     for fast in (False, True):
-        ops.FORCE_CUDA_ROUTE = fast
+        config.set_force_cuda_route(fast)
         model.set_fast_path(fast)
         model.zero_grad(set_to_none=True)
         outs = model(x)
         sum((o.square().mean() + o.mean()) * (i + 1) for i, o in enumerate(outs)).backward()
         res[fast] = ([o.detach() for o in outs], [p.grad.clone() for p in model.parameters()])
-    assert ops.CUDA_ROUTE["depthwise"] == "triton" and ops.CUDA_ROUTE["norm"] == "triton"  # no fallback
+    route = config.get().cuda_route
+    assert route.depthwise == "triton" and route.norm == "triton"  # no fallback
     out = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(res[True][0], res[False][0]))
     scale = max(g.abs().max().item() for g in res[False][1])
     grad = max((a - b).abs().max().item() / scale for a, b in zip(res[True][1], res[False][1]))
@@ -227,32 +225,32 @@ def test_unusable_triton_falls_back_to_pytorch_with_a_warning(monkeypatch, part)
         depthwise_conv_transpose = staticmethod(fail if part == "depthwise" else conv_transpose)
         group_norm = staticmethod(fail)
 
-    monkeypatch.setattr(ops, "FORCE_CUDA_ROUTE", True)
-    monkeypatch.setitem(ops.CUDA_ROUTE, "depthwise", "triton")
-    monkeypatch.setitem(ops.CUDA_ROUTE, "norm", "manual" if part == "depthwise" else "triton")
-    monkeypatch.setattr(ops, "triton_ops", lambda x: Kernels())
+    config.set_force_cuda_route(True)
+    config.set_cuda_route(depthwise="triton", norm="manual" if part == "depthwise" else "triton")
+    monkeypatch.setattr(cuda_route, "triton_kernels", lambda x: Kernels())
     torch.manual_seed(0)
     model = MedNeXt(in_channels=2, num_classes=3, width=8, kernel_sizes=3, spatial_dims=3).double().eval()
     x = torch.randn(1, 2, 32, 16, 16, dtype=torch.float64)
     what = "depthwise kernels" if part == "depthwise" else "group norm kernels"
     with pytest.warns(RuntimeWarning, match=f"Triton {what} failed .*Failed to find C compiler"):
         out = model(x)
-    assert ops.CUDA_ROUTE["norm"] == "manual"
-    assert ops.CUDA_ROUTE["depthwise"] == ("native" if part == "depthwise" else "triton")  # the other part stays
+    route = config.get().cuda_route
+    assert route.norm == "manual"
+    assert route.depthwise == ("native" if part == "depthwise" else "triton")  # the other part stays
     model.set_fast_path(False)
     torch.testing.assert_close(out, model(x), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (CPU builds of torch)")
 def test_triton_route_hands_float32_weights_to_the_kernels_under_autocast(monkeypatch):
-    from mednext.nn import triton_ops
+    from mednext.nn.kernels import triton as triton_kernels
 
     x, w, b = torch.randn(1, 2, 5, 5), torch.randn(2, 1, 3, 3), torch.randn(2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        xa, wa, ba = triton_ops._autocast(x, w, b)
+        xa, wa, ba = triton_kernels._autocast(x, w, b)
         assert xa.dtype == torch.bfloat16 and wa is w and ba is b  # no cast launches, float32 gradients
-        monkeypatch.setitem(ops.CUDA_ROUTE, "dw_weights", "autocast")
-        xa, wa, ba = triton_ops._autocast(x, w, b)
+        config.set_cuda_route(dw_weights="autocast")
+        xa, wa, ba = triton_kernels._autocast(x, w, b)
         assert (xa.dtype, wa.dtype, ba.dtype) == (torch.bfloat16,) * 3  # as PyTorch's convolutions see them
 
 
@@ -281,7 +279,8 @@ class _NoLaunch:
 
 
 def _host_reads_of_a_training_step(model: MedNeXt, x: torch.Tensor, autocast: bool) -> list[str]:
-    from mednext.nn.mednext import MedNeXtBlock, is_channels_last
+    from mednext.nn import MedNeXtBlock
+    from mednext.nn.layers import is_channels_last
 
     layouts = []
     for block in model.modules():
@@ -298,10 +297,10 @@ def _host_reads_of_a_training_step(model: MedNeXt, x: torch.Tensor, autocast: bo
 
 @pytest.mark.parametrize("route", range(len(ROUTES)))
 def test_cuda_route_training_step_has_nothing_a_cuda_graph_cannot_capture(forced_route, route):
-    # Capturing the step in a CUDA graph (benchmarks/gpu_explore.py's "+graph" variants) failed once on a GPU
-    # because a polyphase conv built an index tensor on the host. The route's forward and backward must not read
-    # values on the host or copy host data to the device; checked on the CPU here.
-    forced_route.update(ROUTES[route], layout="channels_last")
+    # A CUDA graph (benchmarks/gpu_explore.py's "+graph" variants) cannot capture a step that reads values on
+    # the host or copies host data to the device (say, an index tensor built on the host for a polyphase conv);
+    # the route's forward and backward do neither, checked on the CPU here.
+    forced_route(**ROUTES[route], layout="channels_last")
     torch.manual_seed(0)
     model = MedNeXt(1, 3, width=8, strides=[2, 2], kernel_sizes=[3, 5, 3, 5, 3], deep_supervision=True).train()
     # float32: under CPU autocast PyTorch's CPU convolutions return channels-first bfloat16 (cuDNN keeps the
@@ -312,12 +311,30 @@ def test_cuda_route_training_step_has_nothing_a_cuda_graph_cannot_capture(forced
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (CPU builds of torch)")
 def test_triton_route_training_step_has_nothing_a_cuda_graph_cannot_capture(forced_route, monkeypatch):
     # The Triton wrappers' host code (grids, tiles, statistics buffers), with kernels that launch nothing.
-    from mednext.nn import triton_ops
+    from mednext.nn.kernels import triton as triton_kernels
 
-    for name in triton_ops.KERNELS:
-        monkeypatch.setattr(triton_ops, name, _NoLaunch())
-    monkeypatch.setattr(ops, "triton_ops", lambda x: triton_ops)
-    forced_route.update(layout="channels_last", depthwise="triton", norm="triton")
+    for name in triton_kernels.KERNELS:
+        monkeypatch.setattr(triton_kernels, name, _NoLaunch())
+    monkeypatch.setattr(cuda_route, "triton_kernels", lambda x: triton_kernels)
+    forced_route(layout="channels_last", depthwise="triton", norm="triton")
     torch.manual_seed(0)
     model = MedNeXt(1, 3, width=8, strides=[2, 2], kernel_sizes=[3, 5, 3, 5, 3], deep_supervision=True).train()
     assert _host_reads_of_a_training_step(model, torch.randn(1, 1, 16, 16, 16), autocast=True) == []
+
+
+def test_unsupported_cuda_route_is_refused_on_first_use_not_at_import():
+    script = textwrap.dedent(
+        """
+        import mednext.nn.layers, mednext.nn.kernels.cuda_route  # importing reads no switch
+        from mednext import create_mednext
+        from mednext.errors import ConfigError
+        try:
+            create_mednext("S", 1, 2)
+        except ConfigError as err:
+            print("ConfigError:", err)
+        """
+    )
+    env = dict(os.environ, MEDNEXT_CUDA_ROUTE="fastest")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ConfigError: MEDNEXT_CUDA_ROUTE='fastest' is not supported" in proc.stdout

@@ -9,8 +9,8 @@ import torch
 
 from mednext.cli import main
 from mednext.nn import MedNeXt
-from mednext.nn.checkpoint import save_checkpoint
 from mednext.nn.export import export_model, run_exported
+from mednext.nn.weights.checkpoint import save_checkpoint
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")

@@ -55,18 +55,23 @@ def test_fast_path_float32_eval_output():
     assert (fast - plain).abs().max() / plain.abs().max() < 1e-5
 
 
-def test_fast_path_is_default_and_switchable_by_environment(monkeypatch):
+def test_fast_path_is_default_and_switchable_by_configuration():
+    from mednext import config
+
     assert create_mednext("S", 1, 2).fast_path
     assert not create_mednext("S", 1, 2, spatial_dims=2).fast_path  # 2D: oneDNN's convs are faster
-    monkeypatch.setenv("MEDNEXT_FAST_PATH", "0")
-    assert not create_mednext("S", 1, 2).fast_path
+    with config.override(fast_path=False):  # what MEDNEXT_FAST_PATH=0 sets
+        assert not create_mednext("S", 1, 2).fast_path
+        assert not create_mednext("S", 1, 2, spatial_dims=2).fast_path
+    assert create_mednext("S", 1, 2).fast_path
 
 
 def test_fast_path_under_cpu_bfloat16_autocast():
     """The custom channels-last ops follow autocast's dtypes, so a bfloat16 autocast step runs
     and stays as close to the float32 result as the plain path's autocast step; every block stays on
     the fast path (PyTorch's CPU conv returns channels-first bfloat16, which our ops lay out again)."""
-    from mednext.nn.mednext import MedNeXtBlock, is_channels_last
+    from mednext.nn import MedNeXtBlock
+    from mednext.nn.layers import is_channels_last
 
     torch.manual_seed(3)
     model = MedNeXt(2, 3, width=8, deep_supervision=True, spatial_dims=3, strides=[2, 2], kernel_sizes=3).train()
@@ -96,3 +101,14 @@ def test_fast_path_under_cpu_bfloat16_autocast():
             assert len(layouts) == 14 and all(layouts.values()), layouts
     assert errors[True][0] < 3e-2 and errors[True][1] < 3e-2, errors
     assert errors[True][0] < 3 * errors[False][0] + 1e-3, errors  # no worse than autocast's own error
+
+
+def test_fast_path_traces_as_one_graph_for_torch_compile():
+    # The layers read mednext.config each time they run; that read must not break torch.compile's graph
+    # (a lock, say, would split the network into one graph per layer).
+    import torch._dynamo
+
+    torch.manual_seed(0)
+    model = MedNeXt(1, 2, width=8, strides=[2, 2], kernel_sizes=3).eval()
+    explained = torch._dynamo.explain(model)(torch.randn(1, 1, 16, 16, 16))
+    assert explained.graph_break_count == 0, [str(r.reason)[:200] for r in explained.break_reasons]

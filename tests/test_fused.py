@@ -1,11 +1,13 @@
-"""The fused norm -> expansion -> GELU -> compression branch (mednext.nn.fused) equals the unfused
+"""The fused norm -> expansion -> GELU -> compression branch (mednext.nn.kernels.fused) equals the unfused
 fast path and the plain path, in float64 exactly and in float32 within the unfused path's error."""
 
 import pytest
 import torch
 
-from mednext.nn import fused
-from mednext.nn.mednext import MedNeXtBlock, MedNeXtDownBlock, MedNeXtUpBlock, channels_last
+from mednext import config
+from mednext.nn import MedNeXtBlock, MedNeXtDownBlock, MedNeXtUpBlock
+from mednext.nn.kernels import fused
+from mednext.nn.layers import channels_last
 
 
 def _block(kind: str, c: int, r: int, k: int, dims: int) -> torch.nn.Module:
@@ -19,13 +21,13 @@ def _block(kind: str, c: int, r: int, k: int, dims: int) -> torch.nn.Module:
 
 
 def _grads(block, x, enabled, monkeypatch, recompute=False):
-    monkeypatch.setattr(fused, "ENABLED", enabled)
     block.recompute_expansion = recompute
     x = x.detach().clone().requires_grad_()
     block.zero_grad(set_to_none=True)
-    out = block(x)
-    weight = torch.linspace(-1, 2, out.numel(), dtype=out.dtype).view(out.shape)
-    ((out * weight).sum() + out.square().mean()).backward()
+    with config.override(fused_blocks=enabled):
+        out = block(x)
+        weight = torch.linspace(-1, 2, out.numel(), dtype=out.dtype).view(out.shape)
+        ((out * weight).sum() + out.square().mean()).backward()
     return out.detach(), x.grad, {n: p.grad.clone() for n, p in block.named_parameters()}
 
 
@@ -96,8 +98,7 @@ def test_fused_no_grad_forward_equals_training_forward(chunks, monkeypatch):
         inference = block(x)
     training = block(x.requires_grad_())
     torch.testing.assert_close(inference, training.detach(), rtol=0, atol=0)
-    monkeypatch.setattr(fused, "ENABLED", False)
-    with torch.no_grad():
+    with config.override(fused_blocks=False), torch.no_grad():
         torch.testing.assert_close(inference, block(x), rtol=1e-5, atol=1e-5)  # the unfused fast path
 
 

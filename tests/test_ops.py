@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mednext.nn.ops import depthwise_conv, depthwise_conv_strided, depthwise_conv_transpose
+from mednext.nn.kernels.cpu import depthwise_conv, depthwise_conv_strided, depthwise_conv_transpose
 
 
 def _cl(t):
@@ -53,7 +53,7 @@ def test_fast_depthwise_ops_match_pytorch(shape, kernel, stride):
 
 @pytest.mark.parametrize("shape", [(2, 5, 6, 7, 8), (3, 4, 9, 10)])
 def test_channel_group_norm_matches_pytorch_float64(shape):
-    from mednext.nn.ops import channel_group_norm
+    from mednext.nn.kernels.cpu import channel_group_norm
 
     torch.manual_seed(shape[1])
     c = shape[1]
@@ -67,7 +67,7 @@ def test_channel_group_norm_matches_pytorch_float64(shape):
 
 def test_channel_group_norm_float32_is_accurate_on_large_volumes():
     """PyTorch's own channels-last kernel loses ~1e-4 here; ours stays near float32 rounding."""
-    from mednext.nn.ops import channel_group_norm
+    from mednext.nn.kernels.cpu import channel_group_norm
 
     torch.manual_seed(0)
     x = torch.randn(1, 4, 48, 48, 48) * 2 + 5

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 
 from mednext import upkern
 from mednext.cli import main
+from mednext.errors import ShapeMismatchError
 from mednext.nn import MedNeXt, create_mednext
-from mednext.nn.checkpoint import load_checkpoint, save_checkpoint
-from mednext.nn.weights import ShapeMismatchError
+from mednext.nn.weights.checkpoint import load_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

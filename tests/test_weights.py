@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from mednext import load_pretrained
+from mednext.errors import CheckpointError
 from mednext.nn import MedNeXt, create_mednext
-from mednext.nn.checkpoint import CheckpointError
 from mednext.nn.weights import (
     LayoutError,
     ShapeMismatchError,
@@ -397,7 +397,7 @@ def test_transfer_reinitialises_stem_and_heads_only(tmp_path):
     assert torch.equal(now["out_1.conv_out.weight"], before["out_1.conv_out.weight"])
     assert not torch.equal(now["stem.bias"], src["stem.bias"])  # re-initialised as a whole module
     # same from a file, and width changes are refused with both shapes named
-    from mednext.nn.checkpoint import save_checkpoint
+    from mednext.nn.weights.checkpoint import save_checkpoint
 
     path = save_checkpoint(source, tmp_path / "src.safetensors")
     assert len(transfer_weights(target, path).copied) == len(report.copied)

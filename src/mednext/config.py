@@ -157,6 +157,11 @@ _CURRENT: list[Settings] = []  # empty until first use
 
 def get() -> Settings:
     """The settings in force; the environment is read on the first call."""
+    current = _CURRENT
+    if current:
+        # Read without the lock (layers ask once per call, and torch.compile cannot trace a lock): the
+        # list is only changed under the lock, by single assignments, and emptied only by a failed reload.
+        return current[0]
     with _LOCK:
         if not _CURRENT:
             _CURRENT.append(from_environment())
@@ -173,8 +178,13 @@ def _replace(**changes: Any) -> Settings:
 def reload() -> Settings:
     """Read the environment again, dropping every setter's change (for tests and notebooks)."""
     with _LOCK:
-        _CURRENT.clear()
-        return get()
+        try:
+            settings = from_environment()
+        except BaseException:
+            _CURRENT.clear()  # the next get() reads the environment again, and fails the same way
+            raise
+        _CURRENT[:] = [settings]
+        return settings
 
 
 def set_fast_path(enable: bool = True) -> None:

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from mednext.errors import UserError
+
 
 def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
@@ -33,9 +35,7 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from mednext.cli import UserError
-    from mednext.nn.export import example_input, export_model, run_exported
-    from mednext.nn.weights import load_pretrained
+    from mednext.nn import example_input, export_model, load_pretrained, run_exported
 
     if args.output.exists() and not args.overwrite:
         raise UserError(f"{str(args.output)!r} exists; choose another -o path or pass --overwrite")

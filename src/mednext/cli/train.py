@@ -55,7 +55,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         p.add_argument(
             "--pretrained", default=None, help="initialise from weights (our checkpoint, reference .model, MONAI)"
         )
-    if _has("mednext.nn.upkern"):
+    if _has("mednext.nn.weights.upkern"):
         p.add_argument("--upkern-from", default=None, help="initialise a k5 model from a k3 checkpoint (UpKern)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from mednext.errors import UserError
+
 
 def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
@@ -38,11 +40,7 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mednext.cli import UserError
-    from mednext.nn.checkpoint import save_checkpoint
-    from mednext.nn.mednext import MedNeXt
-    from mednext.nn.upkern import upkern
-    from mednext.nn.weights import load_pretrained
+    from mednext.nn import MedNeXt, load_pretrained, save_checkpoint, upkern
 
     if args.kernel < 1 or args.kernel % 2 == 0:
         raise UserError(f"--kernel {args.kernel}: the kernel size must be odd and positive (3, 5, 7, ...)")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -20,6 +19,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from mednext.files import atomic_write
 
 __all__ = ["FORMATS", "example_input", "export_model", "export_onnx", "export_torchscript", "run_exported"]
 
@@ -49,13 +50,6 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _temp_beside(path: Path) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    return tmp
-
-
 def _axis_names(spatial_dims: int) -> list[str]:
     return ["depth", "height", "width"][3 - spatial_dims :]
 
@@ -67,33 +61,29 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], *, opset: int = 
         import onnx
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError("ONNX export needs the 'onnx' package: pip install onnx onnxruntime") from err
-    out = Path(path)
     dims = model.spatial_dims  # type: ignore[attr-defined]
     axes = {0: "batch", **{2 + i: name for i, name in enumerate(_axis_names(dims))}}
-    tmp = _temp_beside(out)
-    try:
+
+    def write(tmp: Path) -> None:
         with _eval_mode(model), torch.no_grad():
             torch.onnx.export(
                 model,
                 (example_input(model),),
-                tmp,
+                str(tmp),
                 dynamo=False,  # the torch.export-based exporter needs onnxscript; the traced graph is exact here
                 input_names=["image"],
                 output_names=["logits"],
                 dynamic_axes={"image": axes, "logits": axes},
                 opset_version=opset,
             )
-        proto = onnx.load(tmp)
+        proto = onnx.load(str(tmp))
         for key, value in _metadata(model).items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, value
         onnx.checker.check_model(proto)
-        onnx.save(proto, tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+        onnx.save(proto, str(tmp))
+
+    return atomic_write(path, write)
 
 
 def export_torchscript(model: nn.Module, path: str | os.PathLike[str]) -> Path:
@@ -101,18 +91,14 @@ def export_torchscript(model: nn.Module, path: str | os.PathLike[str]) -> Path:
 
     The traced graph has no shape-dependent branches, so it accepts any batch size and any
     spatial size that is a multiple of the total stride. Written atomically."""
-    out = Path(path)
-    tmp = _temp_beside(out)
-    try:
+
+    def write(tmp: Path) -> None:
         with _eval_mode(model), torch.no_grad():
             traced = torch.jit.trace(model, (example_input(model),), check_trace=False)
             extra = {"mednext_config.json": _metadata(model)["mednext_config"]}
-            torch.jit.save(traced, tmp, _extra_files=extra)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+            torch.jit.save(traced, str(tmp), _extra_files=extra)
+
+    return atomic_write(path, write)
 
 
 def _metadata(model: nn.Module) -> dict[str, str]:

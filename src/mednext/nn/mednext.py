@@ -1,4 +1,4 @@
-"""MedNeXt: blocks, the network, and the S/B/M/L presets, in reading order.
+"""MedNeXt: the network and the S/B/M/L presets, in reading order (blocks: :mod:`mednext.nn.blocks`).
 
 Roy et al., "MedNeXt: Transformer-driven Scaling of ConvNets for Medical Image
 Segmentation", MICCAI 2023. Module and parameter names follow the reference
@@ -10,44 +10,20 @@ dicts load without renaming.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mednext import memory
-from mednext.nn import fused, ops
+from mednext import config
+from mednext.nn.blocks import IntOrTuple, MedNeXtBlock, MedNeXtDownBlock, MedNeXtOutBlock, MedNeXtUpBlock, as_tuple
+from mednext.nn.layers import channels_last, pointwise
 
-__all__ = [
-    "ChannelsFirstLayerNorm",
-    "GlobalResponseNorm",
-    "MedNeXt",
-    "MedNeXtBlock",
-    "MedNeXtDownBlock",
-    "MedNeXtOutBlock",
-    "MedNeXtUpBlock",
-    "PRESETS",
-    "create_mednext",
-    "global_response_norm",
-]
-
-IntOrTuple = int | Sequence[int]
+__all__ = ["PRESETS", "MedNeXt", "create_mednext"]
 
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
-_CONV_T = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
-
-
-def _as_tuple(value: IntOrTuple, spatial_dims: int, name: str) -> tuple[int, ...]:
-    if isinstance(value, int):
-        return (value,) * spatial_dims
-    value = tuple(int(v) for v in value)
-    if len(value) != spatial_dims:
-        raise ValueError(f"{name}={value} has {len(value)} entries; give one int or {spatial_dims} (one per axis)")
-    return value
 
 
 _CHECKPOINT_MODES: dict[Any, bool | str] = {False: False, "none": False, True: True, "block": True, "cheap": "cheap"}
@@ -63,371 +39,6 @@ def _checkpoint_mode(value: bool | str) -> bool | str:
             f"grad_checkpointing={value!r} is not supported; use False/'none', True/'block' (whole blocks) "
             "or 'cheap' (recompute norm, expansion and GELU only)"
         ) from None
-
-
-def channels_last(x: torch.Tensor) -> torch.Tensor:
-    """``x`` with channels-last strides (NHWC / NDHWC), the layout of the fast path."""
-    return ops._channels_last(x)
-
-
-def is_channels_last(x: torch.Tensor) -> bool:
-    """True when the channel axis is innermost, so (N, *spatial, C) is a free view. A one-channel
-    tensor fits both layouts and counts as plain, so the layout alone selects the path."""
-    return x.shape[1] > 1 and x.movedim(1, -1).is_contiguous()
-
-
-def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """A 1x1 convolution with ``weight`` of shape (out, in): on channels-last input one GEMM
-    over (N*voxels, in), whose forward and backward run at the BLAS's speed."""
-    return F.linear(x.movedim(1, -1), weight, bias).movedim(-1, 1)
-
-
-def conv1x1(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Apply a 1x1 (transposed) convolution module, as a GEMM when ``x`` is channels-last."""
-    if not is_channels_last(x):
-        return conv(x)
-    w = conv.weight.flatten(1)  # Conv: (out, in, 1..); ConvTranspose: (in, out, 1..)
-    return pointwise(x, w.t() if isinstance(conv, nn.modules.conv._ConvTransposeNd) else w, conv.bias)
-
-
-# ----------------------------------------------------------------------------- normalisation
-
-
-class ChannelsFirstLayerNorm(nn.Module):
-    """LayerNorm over the channel axis of an (N, C, *spatial) tensor, for any number of spatial axes.
-
-    Args:
-        num_channels: size of the channel axis.
-        eps: added to the variance (the reference uses 1e-5).
-    """
-
-    def __init__(self, num_channels: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(num_channels))
-        self.bias = nn.Parameter(torch.zeros(num_channels))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # layer_norm normalises trailing axes, so move C last and back; works for 1D, 2D and 3D alike.
-        y = F.layer_norm(x.movedim(1, -1), (x.shape[1],), self.weight, self.bias, self.eps)
-        return y.movedim(-1, 1)
-
-
-def global_response_norm(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """ConvNeXt-V2 GRN on (N, C, *spatial): gamma * (x * nx) + beta + x."""
-    spatial = tuple(range(2, x.ndim))
-    gx = torch.linalg.vector_norm(x, ord=2, dim=spatial, keepdim=True)
-    nx = gx / (gx.mean(dim=1, keepdim=True) + 1e-6)
-    return gamma * (x * nx) + beta + x
-
-
-class GlobalResponseNorm(nn.Module):
-    """Global response normalisation as a standalone module (a fresh one is the identity).
-
-    Args:
-        num_channels: size of the channel axis.
-        spatial_dims: 2 or 3.
-    """
-
-    def __init__(self, num_channels: int, spatial_dims: int = 3) -> None:
-        super().__init__()
-        shape = (1, num_channels) + (1,) * spatial_dims
-        self.gamma = nn.Parameter(torch.zeros(shape))
-        self.beta = nn.Parameter(torch.zeros(shape))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return global_response_norm(x, self.gamma, self.beta)
-
-
-# ----------------------------------------------------------------------------- blocks
-
-
-class MedNeXtBlock(nn.Module):
-    """Depthwise conv -> norm -> 1x1 expand -> GELU [-> GRN] -> 1x1 compress [+ input].
-
-    Args:
-        in_channels: input width; the depthwise conv and the norm act on it.
-        out_channels: output width of the compression conv.
-        expansion: ratio R of the inverted bottleneck (R * in_channels hidden features).
-        kernel_size: depthwise kernel, int or one odd size per axis.
-        spatial_dims: 2 or 3.
-        residual: add the input to the output (needs in_channels == out_channels).
-        norm: "group" (one group per channel, the paper's) or "layer" (channels-first LayerNorm).
-        grn: apply global response normalisation to the expanded features.
-
-    Attribute ``recompute_expansion`` (default False; :meth:`MedNeXt.set_grad_checkpointing`
-    with ``"cheap"`` sets it): in training with gradients on, keep only the depthwise conv's
-    output and recompute norm -> expansion -> GELU [-> GRN] in the backward pass, so none of the
-    R * C-channel tensors is stored; the depthwise conv itself is not recomputed.
-    """
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        expansion: int = 4,
-        kernel_size: IntOrTuple = 3,
-        spatial_dims: int = 3,
-        residual: bool = True,
-        norm: str = "group",
-        grn: bool = False,
-    ) -> None:
-        super().__init__()
-        kernel = _as_tuple(kernel_size, spatial_dims, "kernel_size")
-        conv = _CONV[spatial_dims]
-        self.residual = residual
-        self.conv1 = self._depthwise_conv(in_channels, kernel, spatial_dims)
-        if norm == "group":
-            self.norm: nn.Module = nn.GroupNorm(num_groups=in_channels, num_channels=in_channels)
-        elif norm == "layer":
-            self.norm = ChannelsFirstLayerNorm(in_channels)
-        else:
-            raise ValueError(f"norm={norm!r} is not supported; use 'group' or 'layer'")
-        hidden = expansion * in_channels
-        self.conv2 = conv(in_channels, hidden, kernel_size=1)
-        self.act = nn.GELU()
-        self.grn = grn
-        if grn:
-            shape = (1, hidden) + (1,) * spatial_dims
-            self.grn_gamma = nn.Parameter(torch.zeros(shape))
-            self.grn_beta = nn.Parameter(torch.zeros(shape))
-        self.conv3 = conv(hidden, out_channels, kernel_size=1)
-        self.recompute_expansion = False
-
-    @staticmethod
-    def _depthwise_conv(channels: int, kernel: tuple[int, ...], spatial_dims: int) -> nn.Module:
-        padding = tuple(k // 2 for k in kernel)
-        return _CONV[spatial_dims](channels, channels, kernel, stride=1, padding=padding, groups=channels)
-
-    def _depthwise(self, x: torch.Tensor) -> torch.Tensor:
-        """``conv1``; on channels-last input through the fast kernels of :mod:`mednext.nn.ops`."""
-        if not is_channels_last(x):
-            return self.conv1(x)
-        conv = self.conv1
-        if ops.uses_cuda_route(x):
-            return self._depthwise_cuda(x)
-        if isinstance(conv, nn.modules.conv._ConvTransposeNd):
-            return ops.depthwise_conv_transpose(x, conv.weight, conv.bias, conv.stride)
-        if any(s > 1 for s in conv.stride):
-            return ops.depthwise_conv_strided(x, conv.weight, conv.bias, conv.stride)
-        return ops.depthwise_conv(x, conv.weight, conv.bias)
-
-    def _depthwise_cuda(self, x: torch.Tensor) -> torch.Tensor:
-        conv = self.conv1
-        transposed = isinstance(conv, nn.modules.conv._ConvTransposeNd)
-        kernels = ops.triton_ops(x) if ops.CUDA_ROUTE["depthwise"] == "triton" else None
-        if (
-            kernels is not None
-            and all(k % 2 == 1 for k in conv.kernel_size)
-            and conv.kernel_size[-1] <= kernels.MAX_LAST_TAPS
-        ):
-            try:
-                if transposed:
-                    return kernels.depthwise_conv_transpose(x, conv.weight, conv.bias, conv.stride)
-                return kernels.depthwise_conv(x, conv.weight, conv.bias, conv.stride)
-            except torch.OutOfMemoryError:
-                raise
-            except Exception as error:  # noqa: BLE001 (Triton installed but unusable: no C compiler, old GPU)
-                ops.disable_triton(error)
-        if transposed and ops.CUDA_ROUTE["up"] == "polyphase":
-            return ops.depthwise_conv_transpose_polyphase(x, conv.weight, conv.bias, conv.stride)
-        strided = not transposed and any(s > 1 for s in conv.stride)
-        if strided and ops.CUDA_ROUTE["down"] == "polyphase":
-            return ops.depthwise_conv_strided_polyphase(x, conv.weight, conv.bias, conv.stride)
-        return conv(x)
-
-    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.norm, nn.GroupNorm) and is_channels_last(x):
-            if ops.uses_cuda_route(x):
-                kernels = ops.triton_ops(x) if ops.CUDA_ROUTE["norm"] == "triton" else None
-                if kernels is not None:
-                    try:
-                        return kernels.group_norm(x, self.norm.weight, self.norm.bias, self.norm.eps)
-                    except torch.OutOfMemoryError:
-                        raise
-                    except Exception as error:  # noqa: BLE001 (as for the depthwise kernels)
-                        ops.disable_triton(error, "norm")
-                if ops.CUDA_ROUTE["norm"] in ("manual", "triton"):
-                    return ops.group_norm_channels_last(x, self.norm.weight, self.norm.bias, self.norm.eps)
-                return channels_last(self.norm(x))
-            return ops.channel_group_norm(x, self.norm.weight, self.norm.bias, self.norm.eps)
-        return self.norm(x)
-
-    def _uses_fused(self, x: torch.Tensor) -> bool:
-        """Whether the branch after the depthwise conv runs fused (:mod:`mednext.nn.fused`): CPU
-        fast path (channels-last input), group norm, no GRN, autocast off."""
-        return (
-            fused.ENABLED
-            and not self.grn
-            and isinstance(self.norm, nn.GroupNorm)
-            and is_channels_last(x)
-            and not ops.uses_cuda_route(x)
-            and ops._autocast_dtype(x.device.type) is None
-        )
-
-    def _branch(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """Everything but the resampled residual path: depthwise conv, norm, expansion, GELU
-        [GRN], compression, plus ``residual`` when given."""
-        y = self._depthwise(x)
-        recompute = self.recompute_expansion and self.training and torch.is_grad_enabled()
-        if self._uses_fused(x):
-            return fused.norm_expand_compress(y, residual, self.norm, self.conv2, self.conv3, recompute)
-        y = self._unfused_branch(y, recompute)
-        return y if residual is None else residual + y
-
-    def _unfused_branch(self, y: torch.Tensor, recompute: bool) -> torch.Tensor:
-        if recompute:
-            # The compression conv is inside the recomputed function, else it would store its R*C-channel
-            # input; the recomputation stops once the saved tensors exist (non-reentrant early stop), before
-            # the compression's own GEMM. No random ops here, so the RNG state need not be kept.
-            if y.untyped_storage().nbytes() > y.numel() * y.element_size():
-                y = y.clone()  # a view (of any route's depthwise output) would keep its larger source alive
-            return checkpoint(self._expand_compress, y, use_reentrant=False, preserve_rng_state=False)
-        return self._expand_compress(y)
-
-    def _expand_compress(self, y: torch.Tensor) -> torch.Tensor:
-        """Norm -> 1x1 expand -> GELU [-> GRN] -> 1x1 compress of the depthwise conv's output."""
-        y = self.act(conv1x1(self.conv2, self._normalise(y)))
-        if self.grn:
-            y = global_response_norm(y, self.grn_gamma, self.grn_beta)
-        return conv1x1(self.conv3, y)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._branch(x, x if self.residual else None)
-
-
-class MedNeXtDownBlock(MedNeXtBlock):
-    """Strided depthwise conv block that halves (or divides by ``stride``) the resolution and
-    doubles the width, with a strided 1x1 conv on the residual path.
-
-    Args:
-        in_channels: input width.
-        out_channels: output width (2 * in_channels in the paper).
-        expansion: inverted-bottleneck ratio.
-        kernel_size: depthwise kernel, int or one odd size per axis.
-        stride: int or one stride per axis, e.g. (1, 2, 2).
-        spatial_dims: 2 or 3.
-        residual: use the 1x1 strided residual path.
-        norm: "group" or "layer".
-        grn: global response normalisation on the expanded features.
-    """
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        expansion: int = 4,
-        kernel_size: IntOrTuple = 3,
-        stride: IntOrTuple = 2,
-        spatial_dims: int = 3,
-        residual: bool = True,
-        norm: str = "group",
-        grn: bool = False,
-    ) -> None:
-        super().__init__(in_channels, out_channels, expansion, kernel_size, spatial_dims, False, norm, grn)
-        kernel = _as_tuple(kernel_size, spatial_dims, "kernel_size")
-        stride_t = _as_tuple(stride, spatial_dims, "stride")
-        conv = _CONV[spatial_dims]
-        padding = tuple(k // 2 for k in kernel)
-        self.resample_residual = residual
-        if residual:
-            self.res_conv = conv(in_channels, out_channels, kernel_size=1, stride=stride_t)
-        self.conv1 = conv(in_channels, in_channels, kernel, stride=stride_t, padding=padding, groups=in_channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._branch(x)
-        if not self.resample_residual:
-            return y
-        if is_channels_last(x):
-            # strided 1x1 conv = subsample, then one GEMM
-            sub = x[(slice(None), slice(None), *(slice(None, None, s) for s in self.res_conv.stride))]
-            return y + pointwise(sub, self.res_conv.weight.flatten(1), self.res_conv.bias)
-        return y + self.res_conv(x)
-
-
-class MedNeXtUpBlock(MedNeXtBlock):
-    """Strided depthwise transposed-conv block that multiplies the resolution by ``stride`` and
-    halves the width, with a strided 1x1 transposed conv on the residual path.
-
-    A transposed conv with odd kernel k, padding k//2 and stride s returns (N-1)*s+1 voxels per
-    axis; like the reference (s=2: one plane), both paths get s-1 zero planes prepended so the
-    output has exactly s*N voxels, the size of the skip connection.
-
-    Args:
-        in_channels: input width.
-        out_channels: output width (in_channels / 2 in the paper).
-        expansion: inverted-bottleneck ratio.
-        kernel_size: depthwise kernel, int or one odd size per axis.
-        stride: int or one stride per axis.
-        spatial_dims: 2 or 3.
-        residual: use the 1x1 transposed residual path.
-        norm: "group" or "layer".
-        grn: global response normalisation on the expanded features.
-    """
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        expansion: int = 4,
-        kernel_size: IntOrTuple = 3,
-        stride: IntOrTuple = 2,
-        spatial_dims: int = 3,
-        residual: bool = True,
-        norm: str = "group",
-        grn: bool = False,
-    ) -> None:
-        super().__init__(in_channels, out_channels, expansion, kernel_size, spatial_dims, False, norm, grn)
-        kernel = _as_tuple(kernel_size, spatial_dims, "kernel_size")
-        stride_t = _as_tuple(stride, spatial_dims, "stride")
-        conv_t = _CONV_T[spatial_dims]
-        padding = tuple(k // 2 for k in kernel)
-        self.resample_residual = residual
-        if residual:
-            self.res_conv = conv_t(in_channels, out_channels, kernel_size=1, stride=stride_t)
-        self.conv1 = conv_t(in_channels, in_channels, kernel, stride=stride_t, padding=padding, groups=in_channels)
-        # F.pad takes (front, back) pairs, last axis first.
-        self._pad = tuple(p for s in reversed(stride_t) for p in (s - 1, 0))
-        self._needs_pad = any(s > 1 for s in stride_t)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._branch(x)
-        if is_channels_last(x):
-            return self._forward_channels_last(x, y)
-        if self.resample_residual:
-            y = y + self.res_conv(x)  # same (N-1)*s+1 grid as the main path, so pad once after adding
-        return F.pad(y, self._pad) if self._needs_pad else y
-
-    def _forward_channels_last(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        stride = self.conv1.stride
-        if self.resample_residual:
-            # A strided 1x1 transposed conv writes W^T x on every s-th voxel and only its bias elsewhere.
-            y = y + self.res_conv.bias.to(y.dtype).view(1, -1, *(1,) * len(stride))
-            on_grid = (slice(None), slice(None), *(slice(None, None, s) for s in stride))
-            y[on_grid] += pointwise(x, self.res_conv.weight.flatten(1).t(), None)
-        if not self._needs_pad:
-            return y
-        out = y.new_zeros((*y.shape[:2], *(n + s - 1 for n, s in zip(y.shape[2:], stride))))
-        out = channels_last(out)
-        out[(slice(None), slice(None), *(slice(s - 1, None) for s in stride))] = y
-        return out
-
-
-class MedNeXtOutBlock(nn.Module):
-    """1x1 transposed-conv segmentation head (the reference's ``OutBlock``).
-
-    Args:
-        in_channels: width of the features it reads.
-        num_classes: number of output channels.
-        spatial_dims: 2 or 3.
-    """
-
-    def __init__(self, in_channels: int, num_classes: int, spatial_dims: int = 3) -> None:
-        super().__init__()
-        self.conv_out = _CONV_T[spatial_dims](in_channels, num_classes, kernel_size=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return conv1x1(self.conv_out, x)
 
 
 # ----------------------------------------------------------------------------- network
@@ -503,7 +114,7 @@ class MedNeXt(nn.Module):
             raise ValueError(f"strides={strides!r} must be a sequence with one stride per stage, e.g. (2, 2, 2, 2)")
         n = len(strides)
         positions = 2 * n + 1
-        stride_list = [_as_tuple(s, spatial_dims, f"strides[{i}]") for i, s in enumerate(strides)]
+        stride_list = [as_tuple(s, spatial_dims, f"strides[{i}]") for i, s in enumerate(strides)]
         for i, s in enumerate(stride_list):
             if any(v < 1 for v in s):
                 raise ValueError(f"strides[{i}]={s} must be >= 1 on every axis")
@@ -532,10 +143,9 @@ class MedNeXt(nn.Module):
         grad_checkpointing = _checkpoint_mode(grad_checkpointing)
         self.grad_checkpointing = grad_checkpointing
         # Channels-last layout with 1x1 convs as GEMMs; same numbers as the plain path (tests check it).
-        # Default for 3D only: in 2D, PyTorch's own (oneDNN) convolutions are faster on the CPU
-        # (S k3, 112x128, batch 5, 2 threads: training step 1.39 s plain vs 1.59 s fast path,
-        # docs/benchmarks.md); set_fast_path(True) still selects it.
-        self.fast_path = os.environ.get("MEDNEXT_FAST_PATH", "1") != "0" and spatial_dims == 3
+        # Default for 3D only: in 2D, PyTorch's own (oneDNN) convolutions are the faster ones on the CPU
+        # (docs/benchmarks.md); set_fast_path(True) still selects it.
+        self.fast_path = config.get().fast_path and spatial_dims == 3
         # Everything needed to rebuild this module; JSON-serialisable.
         self.config: dict[str, Any] = {
             "in_channels": in_channels,
@@ -566,8 +176,8 @@ class MedNeXt(nn.Module):
                 )
             )
 
-        conv = _CONV[spatial_dims]
-        self.stem = conv(in_channels, width, kernel_size=1)
+        # PyTorch's conv: the fast path calls its GEMM itself (see _forward)
+        self.stem = _CONV[spatial_dims](in_channels, width, kernel_size=1)
         for i in range(n):
             c = self.widths[i]
             setattr(self, f"enc_block_{i}", stage(i, c))
@@ -624,7 +234,7 @@ class MedNeXt(nn.Module):
                     f"kernel_sizes has {len(items)} entries but this network needs {count} "
                     f"(one per position); give one int or {count} entries"
                 )
-        kernels = [_as_tuple(k, spatial_dims, f"kernel_sizes[{i}]") for i, k in enumerate(items)]
+        kernels = [as_tuple(k, spatial_dims, f"kernel_sizes[{i}]") for i, k in enumerate(items)]
         for i, k in enumerate(kernels):
             if any(v < 1 or v % 2 == 0 for v in k):
                 raise ValueError(f"kernel_sizes[{i}]={k} must be odd and positive on every axis (3, 5, 7, ...)")
@@ -651,7 +261,8 @@ class MedNeXt(nn.Module):
 
     def set_fast_path(self, enable: bool = True) -> None:
         """Use the channels-last GEMM path (the default for 3D) or the plain NCDHW convolutions (the
-        default for 2D, and for debugging; MEDNEXT_FAST_PATH=0 sets the default to plain)."""
+        default for 2D, and for debugging; ``mednext.config.set_fast_path(False)`` or
+        MEDNEXT_FAST_PATH=0 makes plain the default for 3D networks built afterwards)."""
         self.fast_path = enable
 
     def set_deep_supervision(self, enable: bool = True) -> None:
@@ -712,20 +323,15 @@ class MedNeXt(nn.Module):
         if not exporting:
             self.check_input(x)
         fast = self.fast_path and not exporting
-        if x.is_cuda and ops.CUDA_ROUTE["layout"] == "plain":
-            fast = False  # CUDA without Triton: the plain layout measured fastest (see ops.CUDA_ROUTE)
-        if fast and not torch.is_grad_enabled() and memory.keeps_freed_memory(x.device):
-            # Inference on the CPU: later blocks reuse the memory earlier blocks freed instead of page-faulting
-            # fresh memory for every large tensor (mednext.memory); the setting ends with the forward.
-            with memory.reuse_freed_memory():
-                return self._forward(x, fast)
+        if fast and x.is_cuda and config.get().cuda_route.layout == "plain":
+            fast = False  # on CUDA without the channels-last route the plain layout is the faster one
         return self._forward(x, fast)
 
     def _forward(self, x: torch.Tensor, fast: bool) -> torch.Tensor | list[torch.Tensor]:
-        if fast:
-            x = channels_last(x)  # every block then takes its GEMM / channels-last path
         n = self.num_stages
-        x = pointwise(x, self.stem.weight.flatten(1), self.stem.bias) if fast else self.stem(x)
+        # Fast path: channels-last from the stem on, so every layer takes its channels-last kernel. A
+        # one-channel image counts as plain (is_channels_last), hence the stem's GEMM is asked for here.
+        x = pointwise(channels_last(x), self.stem.weight.flatten(1), self.stem.bias) if fast else self.stem(x)
         skips = []
         for i in range(n):
             x = self._run_stage(getattr(self, f"enc_block_{i}"), x)

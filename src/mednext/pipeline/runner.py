@@ -21,9 +21,7 @@ from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_data
 
 from mednext.errors import DatasetError
 from mednext.files import resolve_device
-from mednext.nn import safe_torch_load
-from mednext.nn.upkern import upkern
-from mednext.nn.weights import transfer_weights
+from mednext.nn import safe_torch_load, transfer_weights, upkern
 from mednext.pipeline import predictor
 from mednext.pipeline.datasets import dataset_id_of, register_dataset, resolve_dataset, validate_raw_dataset
 from mednext.pipeline.ddp import init_distributed

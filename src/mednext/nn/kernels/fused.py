@@ -1,10 +1,9 @@
 """A MedNeXt block's branch after its depthwise conv, fused for the CPU fast path.
 
 The branch is group norm (one group per channel) -> 1x1 expansion -> GELU -> 1x1 compression,
-plus the block's residual. On channels-last activations every step is a pass over memory, and
-this CPU's time goes to those passes and to the page faults of fresh large tensors rather than
-to arithmetic (docs/benchmarks.md, session 5). This module does the same arithmetic in fewer
-passes and with fewer large tensors:
+plus the block's residual. On channels-last activations every step is a pass over memory, and on
+a CPU the time goes to those passes and to the page faults of fresh large tensors rather than to
+arithmetic. This module does the same arithmetic in fewer passes and with fewer large tensors:
 
 - the norm's statistics are computed, but the normalised tensor is never built: per sample, the
   norm's scale and shift are folded into the expansion's weights and bias (``W * a``,
@@ -29,21 +28,16 @@ float64 and float32.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from mednext.nn import ops
+from mednext.nn.kernels.cpu import channels_last, voxel_rows
 
-# MEDNEXT_FUSED_BLOCKS=0 switches the fused branch off (the unfused fast path then runs), for
-# debugging and for measuring what the fusion gains; the fast path's other kernels stay on.
-ENABLED = os.environ.get("MEDNEXT_FUSED_BLOCKS", "1") != "0"
+__all__ = ["norm_expand_compress"]
 
 # Rows per chunk of the variance pass: 256 KiB of one operand, so the centred chunk stays in cache.
 _CHUNK_BYTES = 256 << 10
-# Rows per chunk of the expansion, GELU and compression: about 4 MiB of the expansion (16,384 rows of
-# 64 floats), which stays in this CPU's L3 cache between them. Measured (2 cores, 2x32x64^3, expansion
-# 64): whole tensors 45.8 ms, chunks of 4,096 rows 43.9, 8,192 40.6, 16,384 38.2, 32,768 42.3 ms.
+# Bytes of the expansion per chunk of the expansion, GELU and compression: a chunk stays in the L3
+# cache between them.
 _ROWS_BYTES = 4 << 20
 
 
@@ -108,12 +102,12 @@ def _forward(d, residual, gamma, beta, w2, b2, w3, b3, eps, keep):
     it is in cache); returns the output rows, the statistics, and the expansion and GELU outputs when
     ``keep`` (else neither is ever built whole: a chunk-sized buffer serves every chunk)."""
     last = d.shape[-1]
-    dr = ops._voxel_rows(d)
+    dr = voxel_rows(d)
     n, p, _ = dr.shape
     mean, rstd = _moments(dr, last, eps)
     _, _, w_eff, b_eff = _folded(w2, b2, gamma, beta, mean, rstd)
     h, co = w_eff.shape[1], w3.shape[0]
-    base = b3.expand(n, p, co) if residual is None else ops._voxel_rows(residual) + b3
+    base = b3.expand(n, p, co) if residual is None else voxel_rows(residual) + b3
     out = base.contiguous()  # the compression accumulates into residual + bias
     rows = _chunk_rows(p, last, h, dr.element_size())
     z = g = buf = None
@@ -142,11 +136,11 @@ class _NormExpandCompress(torch.autograd.Function):
         d, gamma, beta, w2, b2, w3, mean, rstd, z, g = ctx.saved_tensors
         spatial = tuple(d.shape[2:])
         last = spatial[-1]
-        dr = ops._voxel_rows(d)
+        dr = voxel_rows(d)
         n, p, c = dr.shape
         h, co = w2.shape[0], w3.shape[0]
         a, shift, w_eff, b_eff = _folded(w2, b2, gamma, beta, mean, rstd)
-        go = ops._voxel_rows(ops._channels_last(gout))
+        go = voxel_rows(channels_last(gout))
         db3 = _column_sums(go, last).sum(dim=0)
         dw3 = dr.new_zeros((co, h))
         gram = dr.new_zeros((n, h, c))  # per sample: sum over voxels of dz x d
@@ -197,9 +191,9 @@ def norm_expand_compress(
     with ``norm`` a GroupNorm of one group per channel and ``expand``/``compress`` 1x1 convs.
     ``recompute=True`` stores only ``d`` and recomputes the expansion and GELU when backpropagating.
     Returns a channels-last tensor."""
-    d = ops._channels_last(d)  # rows need compact channels-last storage; a no-op when it is already
+    d = channels_last(d)  # rows need compact channels-last storage; a no-op when it is already
     if residual is not None:
-        residual = ops._channels_last(residual)
+        residual = channels_last(residual)
     args = (d, residual, norm.weight, norm.bias, expand.weight.flatten(1), expand.bias,
             compress.weight.flatten(1), compress.bias, norm.eps)  # fmt: skip
     tensors = [t for t in args if isinstance(t, torch.Tensor)]

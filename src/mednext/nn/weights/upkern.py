@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mednext.nn.weights import ShapeMismatchError, TransferReport, _need, read_source
+from mednext.errors import ShapeMismatchError
+from mednext.nn.weights.layouts import require_tensor
+from mednext.nn.weights.transfer import TransferReport, read_source
 
 __all__ = ["upkern", "upkern_state_dict"]
 
@@ -86,7 +88,7 @@ def upkern(target_model: nn.Module, source: Any, *, source_layout: str = "auto")
     if "stem.weight" not in target:
         raise TypeError(f"upkern's target must be a mednext MedNeXt, got {type(target_model).__name__}")
     source_sd, _, _ = read_source(source, source_layout)
-    src_dims = _need(source_sd, "stem.weight").ndim - 2
+    src_dims = require_tensor(source_sd, "stem.weight").ndim - 2
     dst_dims = target["stem.weight"].ndim - 2
     if src_dims != dst_dims:
         raise ValueError(

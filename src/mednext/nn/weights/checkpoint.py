@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from mednext.errors import CheckpointError, UnsafeCheckpointError
+from mednext.errors import CheckpointError, LayoutError, ShapeMismatchError, UnsafeCheckpointError
+from mednext.files import atomic_write
+from mednext.nn.mednext import PRESETS, MedNeXt
+from mednext.nn.weights.layouts import describe_keys
+from mednext.version import __version__
 
 __all__ = [
     "CheckpointError",
@@ -37,6 +40,7 @@ __all__ = [
     "detect_preset",
     "file_kind",
     "load_checkpoint",
+    "load_state_dict_exact",
     "read_safetensors",
     "safe_torch_load",
     "save_checkpoint",
@@ -177,8 +181,6 @@ def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tens
 def detect_preset(config: Mapping[str, Any]) -> str:
     """Return "S", "B", "M" or "L" when ``config`` is that paper preset (any kernel size,
     channels, classes, 2D/3D, deep supervision or checkpointing), else ""."""
-    from mednext.nn.mednext import PRESETS
-
     for name, preset in PRESETS.items():
         try:
             reference = _config_of(
@@ -202,15 +204,11 @@ def detect_preset(config: Mapping[str, Any]) -> str:
 
 def _config_of(args: dict[str, Any]) -> dict[str, Any]:
     """The normalised ``config`` that ``MedNeXt(**args)`` would have, without allocating its weights."""
-    from mednext.nn.mednext import MedNeXt
-
     with torch.device("meta"):
         return MedNeXt(**args).config
 
 
 def _versions() -> dict[str, str]:
-    from mednext import __version__
-
     versions = {"mednext": __version__, "torch": torch.__version__, "python": platform.python_version()}
     try:
         import safetensors
@@ -219,11 +217,6 @@ def _versions() -> dict[str, str]:
     except ImportError:  # pragma: no cover
         pass
     return versions
-
-
-def _atomic_target(path: Path) -> tuple[int, str]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
 
 
 def save_checkpoint(model: nn.Module, path: str | os.PathLike[str], **meta: Any) -> Path:
@@ -250,16 +243,7 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike[str], **meta: Any)
         "versions": json.dumps(_versions(), sort_keys=True),
         "meta": meta_json,
     }
-    out = Path(path)
-    fd, tmp = _atomic_target(out)
-    os.close(fd)
-    try:
-        st.save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    return atomic_write(path, lambda tmp: st.save_file(tensors, str(tmp), metadata=metadata))
 
 
 def parse_metadata(metadata: Mapping[str, str], path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -288,6 +272,31 @@ def parse_metadata(metadata: Mapping[str, str], path: str | os.PathLike[str]) ->
     return out
 
 
+def load_state_dict_exact(model: nn.Module, state_dict: Mapping[str, torch.Tensor], origin: str = "weights") -> None:
+    """Load ``state_dict`` into ``model`` requiring the same keys and shapes, with errors that
+    name the keys that could not be placed, the keys missing, or the tensor and both shapes."""
+    expected = model.state_dict()
+    unplaced = [k for k in state_dict if k not in expected]
+    if unplaced:
+        raise LayoutError(f"{origin}: the model has no place for these tensors: {describe_keys(unplaced)}")
+    missing = [k for k in expected if k not in state_dict]
+    if missing:
+        raise LayoutError(f"{origin}: the model needs tensors the weights lack: {describe_keys(missing)}")
+    for key, value in state_dict.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            hint = ""
+            if key.startswith(("stem.", "out_")):
+                hint = (
+                    "; to fine-tune on data with other input channels or classes, build the new model and use "
+                    "mednext.nn.transfer_weights(model, source)"
+                )
+            raise ShapeMismatchError(
+                f"{origin}: tensor {key!r} has shape {tuple(value.shape)} in the weights but "
+                f"{tuple(expected[key].shape)} in the model{hint}"
+            )
+    model.load_state_dict(dict(state_dict), strict=True)
+
+
 def load_checkpoint(path: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model stored by :func:`save_checkpoint` and load its weights (on the CPU).
 
@@ -297,9 +306,6 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, 
         FileNotFoundError: the path does not exist.
         CheckpointError: truncated/corrupt file, not our format, or weights that do not fit the config.
     """
-    from mednext.nn.mednext import MedNeXt
-    from mednext.nn.weights import load_state_dict_exact
-
     kind = file_kind(path)
     if kind != "safetensors":
         raise CheckpointError(

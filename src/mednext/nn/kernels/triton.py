@@ -2,9 +2,8 @@
 activations).
 
 PyTorch's CUDA depthwise 3D convolution (its own kernel for NCDHW, cuDNN for channels-last)
-runs near 1 TFLOP/s: on an H200, one 5x5x5 depthwise conv of 2x32x128^3 in float16 takes 14 ms
-forward and 80 ms forward + backward, and these convolutions are two thirds of a MedNeXt-L k5
-training step (docs/benchmarks.md). Two generic kernels cover every form MedNeXt needs:
+is far below the GPU's arithmetic rate, and these convolutions are most of a MedNeXt training step
+with large kernels. Two generic kernels cover every form MedNeXt needs:
 
 - ``_dw_fwd``: ``y[o] = sum_k x[S*o + k - P] * w[k] (+ b)`` per channel and axis, for any kernel
   size, stride ``S`` and front padding ``P`` (zero outside the input), on tensors of any strides
@@ -19,7 +18,7 @@ training step (docs/benchmarks.md). Two generic kernels cover every form MedNeXt
 Accumulation is float32 for every input dtype; under CUDA autocast the activations run in the
 autocast dtype like PyTorch's convolutions, the float32 weights are read as they are.
 
-``group_norm`` (one group per channel, opt-in through ``CUDA_ROUTE["norm"] = "triton"``): two
+``group_norm`` (one group per channel, opt-in through ``mednext.config.set_cuda_route(norm="triton")``): two
 read passes for exact statistics, one for the output; one pass for the backward's sums and one
 for the input gradient; two small kernels do the per-channel arithmetic in between, so a norm is
 seven launches forward and backward together.
@@ -37,7 +36,9 @@ import torch
 import triton
 import triton.language as tl
 
-from mednext.nn.ops import CUDA_ROUTE, _autocast_dtype, _channels_last, _sub_kernel, _transposed_phase, _voxel_rows
+from mednext import config
+from mednext.nn.kernels.cpu import autocast_dtype, channels_last, voxel_rows
+from mednext.nn.kernels.polyphase import sub_kernel, transposed_phase
 
 
 @triton.jit
@@ -323,13 +324,12 @@ KERNELS = ("_dw_fwd", "_dw_wgrad", "_gn_reduce", "_gn_forward_stats", "_gn_backw
 
 
 # Output rows per forward program for layers of at most 32 channels (the input rows they share are
-# loaded once); wider layers use one. Weight-gradient programs per multiprocessor. Measured on an
-# H200 (docs/benchmarks.md): 5x5x5 on 2x32x128^3 took 3.6 ms with 2 rows against 4.0 with 1 and
-# 5.5 with 4; on 2x64x64^3, 1.0 ms with 1 row against 1.6 with 2.
+# loaded once); wider layers use one. Weight-gradient programs per multiprocessor: enough to fill the
+# GPU while each program still sums a long run of rows.
 FWD_ROWS = 2
 WGRAD_PROGRAMS_PER_SM = 16
 # Voxels x channels per forward-kernel program, and warps per program of each kernel (Triton's
-# default is 4). Not yet swept on a GPU: benchmarks/gpu_explore.py's "candidates" section times them.
+# default is 4); benchmarks/gpu_explore.py's "candidates" section times other choices.
 FWD_TILE = 1024
 FWD_WARPS = 4
 WGRAD_WARPS = 4
@@ -452,7 +452,7 @@ def transposed(
     n, c = x.shape[:2]
     out = _channels_last_empty(x, (n, c, *out_size), x.dtype)
     phases = list(itertools.product(*(range(s) for s in stride)))
-    parts = {ph: [_transposed_phase(k, s, r) for k, s, r in zip(kernel, stride, ph)] for ph in phases}
+    parts = {ph: [transposed_phase(k, s, r) for k, s, r in zip(kernel, stride, ph)] for ph in phases}
     if any(p is None for ps in parts.values() for p in ps):  # k < s: some outputs get no tap at all
         out.zero_()
         if bias is not None:
@@ -461,7 +461,7 @@ def transposed(
         ps = parts[ph]
         if any(p is None for p in ps) or any(r >= o for r, o in zip(ph, out_size)):
             continue
-        sub = _sub_kernel(weight, [p[0] for p in ps])
+        sub = sub_kernel(weight, [p[0] for p in ps])
         view = out[(slice(None), slice(None), *(slice(r, None, s) for r, s in zip(ph, stride)))]
         conv_forward(x, sub, bias, (1,) * len(stride), tuple(p[1] for p in ps), view)
     return out
@@ -474,7 +474,7 @@ def _gn_view(t: torch.Tensor) -> torch.Tensor:
     """(N, C, *spatial) with a contiguous channel axis as an (N, S, C) view."""
     if t.stride(1) != 1:
         raise ValueError("the Triton group norm needs a channels-last tensor (channel stride 1)")
-    return _voxel_rows(t)
+    return voxel_rows(t)
 
 
 def _gn_tiles(c: int) -> tuple[int, int]:
@@ -551,7 +551,7 @@ class _GroupNorm(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, stats = ctx.saved_tensors
         n, c = x.shape[:2]
-        x3, g3 = _gn_view(x), _gn_view(_channels_last(grad))
+        x3, g3 = _gn_view(x), _gn_view(channels_last(grad))
         s = x3.shape[1]
         part = _gn_reduce_launch(x3, g3, None, stats, 2, stats.dtype)
         coef = torch.empty((n, 3, c), device=x.device, dtype=stats.dtype)
@@ -573,18 +573,18 @@ def group_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     """GroupNorm with one group per channel (MedNeXt's norm) of a channels-last tensor, statistics in
     float32 (float64 for float64 input). Under autocast the output is in autocast's dtype, which is
     what the next 1x1 convolution casts PyTorch's float32 group norm output to."""
-    out_dtype = _autocast_dtype(x.device.type) or x.dtype
+    out_dtype = autocast_dtype(x.device.type) or x.dtype
     return _GroupNorm.apply(x, weight, bias, float(eps), out_dtype)
 
 
 def _autocast(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
     """Under autocast the activations run in autocast's dtype, as with PyTorch's convolutions. With
-    ``CUDA_ROUTE["dw_weights"] == "float32"`` the float32 weights and bias go to the kernels as they
+    ``cuda_route.dw_weights == "float32"`` the float32 weights and bias go to the kernels as they
     are (the kernels read them as float32 anyway): no cast launch each way per conv, and the weight
     and bias gradients come back in float32. "autocast" rounds them to autocast's dtype first, as
     PyTorch's convolutions see them."""
-    dtype = _autocast_dtype(x.device.type) or x.dtype
-    if CUDA_ROUTE.get("dw_weights") == "float32" and weight.dtype in (torch.float32, dtype):
+    dtype = autocast_dtype(x.device.type) or x.dtype
+    if config.get().cuda_route.dw_weights == "float32" and weight.dtype in (torch.float32, dtype):
         return x.to(dtype), weight, bias
     return x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
 
