@@ -28,7 +28,7 @@ PACKAGE = Path(mednext.__file__).resolve().parent
 REPO = PACKAGE.parent.parent
 
 # Rank of each layer: a module may import modules of its own rank or lower.
-BASE = {"mednext.config", "mednext.errors", "mednext.files", "mednext.memory"}
+BASE = {"mednext.config", "mednext.errors", "mednext.files", "mednext.memory", "mednext.version"}
 LAYERS = {"nn": 1, "pipeline": 2, "demo": 3, "bench": 4, "cli": 5}
 
 

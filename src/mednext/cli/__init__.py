@@ -14,7 +14,7 @@ import sys
 
 from mednext.errors import UserError
 
-# Order shown in --help; a module that does not exist (yet) is skipped.
+# Order shown in --help.
 COMMANDS = ["plan", "train", "predict", "evaluate", "upkern", "export", "summary", "demo", "benchmark"]
 
 
@@ -25,8 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mednext {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        if importlib.util.find_spec(f"mednext.cli.{name}") is not None:
-            importlib.import_module(f"mednext.cli.{name}").add_parser(sub)
+        importlib.import_module(f"mednext.cli.{name}").add_parser(sub)
     return parser
 
 

@@ -7,14 +7,6 @@ Multi-GPU / multi-node: ``torchrun --nnodes N --nproc_per_node G -m mednext trai
 from __future__ import annotations
 
 import argparse
-import importlib.util
-
-
-def _has(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        return False
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -51,12 +43,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--no-val", action="store_true", help="skip the sliding-window validation of the fold's cases at the end"
     )
-    if _has("mednext.nn.weights"):
-        p.add_argument(
-            "--pretrained", default=None, help="initialise from weights (our checkpoint, reference .model, MONAI)"
-        )
-    if _has("mednext.nn.weights.upkern"):
-        p.add_argument("--upkern-from", default=None, help="initialise a k5 model from a k3 checkpoint (UpKern)")
+    p.add_argument(
+        "--pretrained", default=None, help="initialise from weights (our checkpoint, reference .model, MONAI)"
+    )
+    p.add_argument("--upkern-from", default=None, help="initialise a k5 model from a k3 checkpoint (UpKern)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -84,8 +74,8 @@ def run(args: argparse.Namespace) -> int:
         num_workers=args.num_workers,
         recipe=args.recipe,
         validate=not args.no_val,
-        pretrained=getattr(args, "pretrained", None),
-        upkern_from=getattr(args, "upkern_from", None),
+        pretrained=args.pretrained,
+        upkern_from=args.upkern_from,
         show_progress=not args.quiet,
     )
     start = time.perf_counter()

@@ -15,11 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from synthetic_data import make_dataset, write_image  # noqa: E402
 
 from mednext.cli import main
-
-sys.path.insert(0, str(Path(__file__).parent))
-from synthetic_data import make_dataset, write_image  # noqa: E402
 
 SHAPE_3D = (8, 16, 16)  # spacing (2, 1, 1) mm: the engine plans an (8, 16, 16) patch
 SHAPE_2D = (48, 48)

@@ -398,10 +398,11 @@ def test_checkpoint_with_unsafe_objects_is_refused(workdir, tmp_path, capsys):
 @pytest.mark.slow
 def test_real_plans_predict_then_evaluate(workdir, tmp_path, capsys):
     """Plans from mednext's own planner (not hand-written), a fresh S k3 network, predict, evaluate."""
+    from synthetic_data import make_dataset
+
     from mednext.pipeline.datasets import register_dataset
     from mednext.pipeline.planning import MedNeXtPlanner
     from mednext.pipeline.workdir import use_workdir
-    from synthetic_data import make_dataset
 
     folders = use_workdir(workdir)
     raw = make_dataset(tmp_path / "raw", 961, "Real", spatial_dims=3, num_cases=2, shape=(16, 32, 32))

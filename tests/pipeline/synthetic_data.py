@@ -7,7 +7,7 @@ as ``.png`` (uint8 greyscale images, uint8 label maps).
 
 Usage::
 
-    from tests.synthetic_data import make_dataset  # or ``from synthetic_data import make_dataset``
+    from synthetic_data import make_dataset  # tests/pipeline is on sys.path under pytest
     folder = make_dataset(tmp_path, 901, "Synth", spatial_dims=3, num_cases=5, shape=(24, 32, 32))
 """
 

@@ -7,6 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_predict import (  # the fabricated results folders of the prediction tests
+    ARCH,
+    _config,
+    make_results_folder,
+    results_root,
+    run_cli,
+    write_image,
+)
 
 from mednext.pipeline.context import (
     CONTEXT_KEY,
@@ -15,14 +23,6 @@ from mednext.pipeline.context import (
     context_slices_of,
     stack_neighbour_slices,
     synchronise_channels,
-)
-from test_predict import (  # the fabricated results folders of the prediction tests
-    ARCH,
-    _config,
-    make_results_folder,
-    results_root,
-    run_cli,
-    write_image,
 )
 
 

@@ -420,7 +420,7 @@ def test_shortened_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture
 def test_demo_trials_variant_syntax() -> None:
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "demo_trials.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "demo_trials.py"
     spec = importlib.util.spec_from_file_location("demo_trials", path)
     trials = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(trials)
