@@ -13,14 +13,13 @@ import importlib.util
 import sys
 
 from mednext.errors import UserError
+from mednext.version import __version__
 
 # Order shown in --help.
 COMMANDS = ["plan", "train", "predict", "evaluate", "upkern", "export", "summary", "demo", "benchmark"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mednext import __version__
-
     parser = argparse.ArgumentParser(prog="mednext", description="MedNeXt for 2D and 3D medical image segmentation")
     parser.add_argument("--version", action="version", version=f"mednext {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -175,21 +175,25 @@ class MedNeXtBlock(nn.Module):
         return self._branch(x, x if self.residual else None)
 
 
-class MedNeXtDownBlock(MedNeXtBlock):
-    """Strided depthwise conv block that halves (or divides by ``stride``) the resolution and
-    doubles the width, with a strided 1x1 conv on the residual path.
+class _ResamplingBlock(MedNeXtBlock):
+    """A block whose depthwise conv resamples by ``stride``, with a 1x1 conv of the same stride on
+    the residual path: the constructor the down and up blocks share.
 
     Args:
         in_channels: input width.
-        out_channels: output width (2 * in_channels in the paper).
+        out_channels: output width (2 * in_channels down, in_channels / 2 up, in the paper).
         expansion: inverted-bottleneck ratio.
         kernel_size: depthwise kernel, int or one odd size per axis.
         stride: int or one stride per axis, e.g. (1, 2, 2).
         spatial_dims: 2 or 3.
-        residual: use the 1x1 strided residual path.
+        residual: use the 1x1 resampling residual path.
         norm: "group" or "layer".
         grn: global response normalisation on the expanded features.
     """
+
+    # The layer classes for the depthwise conv and the residual conv, by spatial_dims.
+    _DEPTHWISE: dict[int, type[nn.Module]]
+    _RESIDUAL: dict[int, type[nn.Module]]
 
     def __init__(
         self,
@@ -203,66 +207,49 @@ class MedNeXtDownBlock(MedNeXtBlock):
         norm: str = "group",
         grn: bool = False,
     ) -> None:
+        # The stride-1 depthwise conv the parent builds is replaced below; building it first keeps the
+        # reference's module creation order, so a seed gives the reference's initial weights.
         super().__init__(in_channels, out_channels, expansion, kernel_size, spatial_dims, False, norm, grn)
         kernel = as_tuple(kernel_size, spatial_dims, "kernel_size")
-        stride_t = as_tuple(stride, spatial_dims, "stride")
+        self.stride = as_tuple(stride, spatial_dims, "stride")
         self.resample_residual = residual
         if residual:
-            self.res_conv = layers.POINTWISE_CONV[spatial_dims](in_channels, out_channels, stride=stride_t)
-        self.conv1 = layers.DEPTHWISE_CONV[spatial_dims](in_channels, kernel, stride=stride_t)
+            self.res_conv = self._RESIDUAL[spatial_dims](in_channels, out_channels, stride=self.stride)
+        self.conv1 = self._DEPTHWISE[spatial_dims](in_channels, kernel, stride=self.stride)
+
+
+class MedNeXtDownBlock(_ResamplingBlock):
+    """Strided depthwise conv block that halves (or divides by ``stride``) the resolution and
+    doubles the width, with a strided 1x1 conv on the residual path. Arguments as
+    :class:`_ResamplingBlock`."""
+
+    _DEPTHWISE = layers.DEPTHWISE_CONV
+    _RESIDUAL = layers.POINTWISE_CONV
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._branch(x)
         return y + self.res_conv(x) if self.resample_residual else y
 
 
-class MedNeXtUpBlock(MedNeXtBlock):
+class MedNeXtUpBlock(_ResamplingBlock):
     """Strided depthwise transposed-conv block that multiplies the resolution by ``stride`` and
-    halves the width, with a strided 1x1 transposed conv on the residual path.
+    halves the width, with a strided 1x1 transposed conv on the residual path. Arguments as
+    :class:`_ResamplingBlock`.
 
     A transposed conv with odd kernel k, padding k//2 and stride s returns (N-1)*s+1 voxels per
     axis; like the reference (s=2: one plane), both paths get s-1 zero planes prepended so the
     output has exactly s*N voxels, the size of the skip connection.
-
-    Args:
-        in_channels: input width.
-        out_channels: output width (in_channels / 2 in the paper).
-        expansion: inverted-bottleneck ratio.
-        kernel_size: depthwise kernel, int or one odd size per axis.
-        stride: int or one stride per axis.
-        spatial_dims: 2 or 3.
-        residual: use the 1x1 transposed residual path.
-        norm: "group" or "layer".
-        grn: global response normalisation on the expanded features.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        expansion: int = 4,
-        kernel_size: IntOrTuple = 3,
-        stride: IntOrTuple = 2,
-        spatial_dims: int = 3,
-        residual: bool = True,
-        norm: str = "group",
-        grn: bool = False,
-    ) -> None:
-        super().__init__(in_channels, out_channels, expansion, kernel_size, spatial_dims, False, norm, grn)
-        kernel = as_tuple(kernel_size, spatial_dims, "kernel_size")
-        stride_t = as_tuple(stride, spatial_dims, "stride")
-        self.resample_residual = residual
-        if residual:
-            self.res_conv = layers.POINTWISE_CONV_TRANSPOSE[spatial_dims](in_channels, out_channels, stride=stride_t)
-        self.conv1 = layers.DEPTHWISE_CONV_TRANSPOSE[spatial_dims](in_channels, kernel, stride=stride_t)
-        self._front_zeros = tuple(s - 1 for s in stride_t)
-        self._needs_pad = any(s > 1 for s in stride_t)
+    _DEPTHWISE = layers.DEPTHWISE_CONV_TRANSPOSE
+    _RESIDUAL = layers.POINTWISE_CONV_TRANSPOSE
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._branch(x)
         if self.resample_residual:
             y = self.res_conv.added_to(y, x)  # same (N-1)*s+1 grid as the main path, so pad once after adding
-        return layers.pad_front(y, self._front_zeros) if self._needs_pad else y
+        front_zeros = tuple(s - 1 for s in self.stride)
+        return layers.pad_front(y, front_zeros) if any(front_zeros) else y
 
 
 class MedNeXtOutBlock(nn.Module):

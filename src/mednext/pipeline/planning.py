@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 
+from mednext.nn import create_mednext
 from mednext.pipeline.workdir import AUGMENTATION_WORKERS, augmentation_workers, engine_setting
 
 NUM_STAGES = 4  # the paper's presets have 2*4+1 per-position settings
@@ -56,8 +57,6 @@ def mednext_arch_kwargs(
 
 
 def _preset_config(preset: str, spatial_dims: int, strides: Sequence[Sequence[int]], kernel_size: int) -> dict:
-    from mednext.nn import create_mednext
-
     # building the module is the only way to get its normalised config; it is cheap at width 32 (no forward)
     net = create_mednext(
         preset,
@@ -126,8 +125,6 @@ def memory_ratio(spatial_dims: int, preset: str = SIZING_PRESET) -> float:
     for its U-Net; dividing its memory target by this ratio makes its patch/batch search fit MedNeXt."""
     import torch
     from dynamic_network_architectures.architectures.unet import PlainConvUNet
-
-    from mednext.nn import create_mednext
 
     probe = (64,) * 3 if spatial_dims == 3 else (256,) * 2
     conv = torch.nn.Conv3d if spatial_dims == 3 else torch.nn.Conv2d
