@@ -64,7 +64,7 @@ def _resolve(name: str) -> str | None:
 def imports_of(module: str) -> set[str]:
     """Every mednext module ``module`` imports, at any depth of its code."""
     path = MODULES[module]
-    tree = ast.parse(path.read_text(), filename=str(path))
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found = set()
     for node in ast.walk(tree):
@@ -159,7 +159,7 @@ def _is_environ(node: ast.AST) -> bool:
 def environment_keys(path: Path) -> list[str]:
     """The keys of every access to ``os.environ`` / ``os.getenv`` in a file; ``"?"`` when a key is not
     a string the file defines (so it cannot be checked)."""
-    tree = ast.parse(path.read_text())
+    tree = ast.parse(path.read_text(encoding="utf-8"))
     constants = _module_constants(tree)
 
     def key_of(node: ast.AST) -> str:
@@ -241,7 +241,7 @@ def private_engine_overrides() -> set[str]:
 
 
 def test_private_engine_overrides_are_listed_with_reasons():
-    decisions = (REPO / "docs" / "decisions.md").read_text()
+    decisions = (REPO / "docs" / "decisions.md").read_text(encoding="utf-8")
     missing = sorted(name for name in private_engine_overrides() if f"`{name}`" not in decisions)
     assert not missing, (
         f"these engine private names are overridden without an entry in docs/decisions.md: {missing}; "
@@ -262,7 +262,7 @@ HISTORY = [
 
 
 def comments_and_docstrings(path: Path) -> list[tuple[int, str]]:
-    source = path.read_text()
+    source = path.read_text(encoding="utf-8")
     found = [
         (tok.start[0], tok.string)
         for tok in tokenize.generate_tokens(io.StringIO(source).readline)
@@ -293,14 +293,14 @@ def test_user_docs_describe_the_product_not_its_history():
     bad = [
         f"{path.name}:{n}: {line.strip()[:120]}"
         for path in docs
-        for n, line in enumerate(path.read_text().splitlines(), 1)
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
         if any(p.search(line) for p in patterns)
     ]
     assert not bad, "user docs narrate development history:\n" + "\n".join(bad)
 
 
 def test_architecture_doc_is_short_and_names_every_layer():
-    text = (REPO / "docs" / "architecture.md").read_text()
+    text = (REPO / "docs" / "architecture.md").read_text(encoding="utf-8")
     assert len(text.splitlines()) <= 150
     for layer in ("config", "errors", "files", "memory", *LAYERS):
         assert f"`{layer}" in text or f"{layer}/" in text, f"docs/architecture.md does not describe {layer}"
