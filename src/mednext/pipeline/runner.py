@@ -315,10 +315,6 @@ class PredictSettings:
     tile_batch: int = 2
     crop_body: bool = False
 
-    def __post_init__(self) -> None:
-        if self.checkpoint not in predictor.CHECKPOINTS:
-            raise ValueError(f"checkpoint={self.checkpoint!r}: use {', '.join(predictor.CHECKPOINTS)}")
-
 
 def predict(settings: PredictSettings, log: Callable[[str], Any] = print) -> list[Path]:
     """Segment every case of ``settings.input_path``; returns the segmentation files written."""
