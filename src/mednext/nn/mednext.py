@@ -325,9 +325,6 @@ class MedNeXt(nn.Module):
         fast = self.fast_path and not exporting
         if fast and x.is_cuda and config.get().cuda_route.layout == "plain":
             fast = False  # on CUDA without the channels-last route the plain layout is the faster one
-        return self._forward(x, fast)
-
-    def _forward(self, x: torch.Tensor, fast: bool) -> torch.Tensor | list[torch.Tensor]:
         n = self.num_stages
         # Fast path: channels-last from the stem on, so every layer takes its channels-last kernel. A
         # one-channel image counts as plain (is_channels_last), hence the stem's GEMM is asked for here.
