@@ -15,6 +15,7 @@ __all__ = [
     "LayoutError",
     "ShapeMismatchError",
     "UnsafeCheckpointError",
+    "UnsafePathError",
     "UserError",
 ]
 
@@ -45,6 +46,11 @@ class ShapeMismatchError(ValueError):
 
 class DatasetError(ValueError):
     """A raw dataset problem the user must fix; the message names the file and the fix."""
+
+
+class UnsafePathError(ValueError):
+    """A name that would place a file outside its folder (path separators, ``..``, an absolute
+    path, control characters), or a path that leaves the folder it must stay in."""
 
 
 class ExampleScansUnavailable(UserError):

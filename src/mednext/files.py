@@ -17,7 +17,48 @@ from typing import Any
 
 import torch
 
-__all__ = ["atomic_write", "atomic_write_json", "atomic_write_text", "resolve_device", "temporary_path_beside"]
+from mednext.errors import UnsafePathError
+
+__all__ = [
+    "atomic_write",
+    "atomic_write_json",
+    "atomic_write_text",
+    "check_plain_name",
+    "inside",
+    "resolve_device",
+    "temporary_path_beside",
+]
+
+
+def check_plain_name(name: str, what: str) -> str:
+    """Return ``name`` if it can be a file name inside a folder: not empty, not ``.`` or ``..``, no
+    ``/`` or ``\\``, no control characters (which also rules out absolute paths). ``what`` says
+    where the name came from, for the error (an UnsafePathError)."""
+    bad = ""
+    if not isinstance(name, str) or not name:
+        bad = "is empty"
+    elif name in (".", ".."):
+        bad = "is a relative folder name"
+    elif "/" in name or "\\" in name:
+        bad = "contains a path separator"
+    elif any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+        bad = "contains a control character"
+    if bad:
+        raise UnsafePathError(
+            f"{what} {name!r} {bad}; it names files in the working folders, so it must be a plain name "
+            "(letters, digits, '_', '-', '.'), e.g. case_001"
+        )
+    return name
+
+
+def inside(root: str | os.PathLike[str], path: str | os.PathLike[str]) -> Path:
+    """``path`` (absolute, or relative to ``root``) if it stays inside ``root`` once ``..`` and links
+    are resolved; else an UnsafePathError naming both."""
+    base = Path(root).resolve()
+    target = (base / path).resolve()
+    if target != base and base not in target.parents:
+        raise UnsafePathError(f"{path} would be written outside {root}; refusing to write there")
+    return Path(root) / Path(path) if not Path(path).is_absolute() else Path(path)
 
 
 def temporary_path_beside(path: str | os.PathLike[str]) -> Path:

@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from mednext.errors import DatasetError
+from mednext.errors import DatasetError, UnsafePathError
+from mednext.files import check_plain_name
 from mednext.pipeline.workdir import preprocessed_folder, raw_folder, results_folder
 
 DATASET_NAME = re.compile(r"^Dataset(\d{3})_([A-Za-z0-9_\-]+)$")
@@ -224,6 +225,11 @@ def _collect_cases(folder: Path, meta: dict, problems: list[str]) -> dict[str, d
     if "dataset" in meta:  # explicit file lists (nnU-Net v2 allows this instead of the folder layout)
         cases = {}
         for case, entry in meta["dataset"].items():
+            try:
+                check_plain_name(case, f'{folder / "dataset.json"}: "dataset" case identifier')
+            except UnsafePathError as err:
+                problems.append(str(err))
+                continue
             images = [Path(folder, p) if not os.path.isabs(p) else Path(p) for p in entry.get("images", [])]
             label = entry.get("label")
             label = Path(folder, label) if label and not os.path.isabs(label) else (Path(label) if label else None)
@@ -249,6 +255,11 @@ def _collect_cases(folder: Path, meta: dict, problems: list[str]) -> dict[str, d
         m = pattern.match(f.name)
         if not m:
             problems.append(f"{f}: image names must be CASE_XXXX{ending} (channel suffix _0000, _0001, ...); rename it")
+            continue
+        try:
+            check_plain_name(m.group(1), f"{f}: case identifier")
+        except UnsafePathError as err:
+            problems.append(str(err))
             continue
         channels.setdefault(m.group(1), {})[int(m.group(2))] = f
     labels = {

@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mednext.files import check_plain_name
+
 # Endings any nnU-Net v2 reader understands; a file with one of these that is not the model's
 # ending is an error rather than something to skip silently.
 IMAGE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha", ".gipl", ".png", ".bmp", ".tif", ".tiff")
@@ -226,6 +228,8 @@ def collect_input_cases(path: str | Path, ending: str, num_channels: int, worksp
         for sub in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
             if dicom_series(sub):
                 cases += cases_from_dicom(sub, ending, num_channels, workspace)
+    for case in cases:
+        check_plain_name(case.case_id, f"{case.source}: case name")
     if not cases:
         raise ValueError(
             f"{path} holds no '{ending}' images and no DICOM series; give a folder of <case>_0000{ending} "

@@ -40,12 +40,13 @@ from nnunetv2.utilities.label_handling.label_handling import determine_num_input
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch._dynamo import OptimizedModule
 
-from mednext.errors import CheckpointError
-from mednext.files import atomic_write_json, resolve_device
+from mednext.errors import CheckpointError, UnsafePathError
+from mednext.files import atomic_write_json, inside, resolve_device
 from mednext.memory import keeps_freed_memory, reuse_freed_memory
 from mednext.nn import MedNeXt, safe_torch_load
 from mednext.pipeline.body import check_ct_for_body_crop, compose_with_engine_crop, crop_to_body
 from mednext.pipeline.context import context_slices_of, stack_neighbour_slices
+from mednext.pipeline.datasets import DATASET_NAME
 from mednext.pipeline.io import InputCase, collect_input_cases, image_ending
 from mednext.pipeline.workdir import results_folder as engine_results_folder
 from mednext.pipeline.workdir import use_workdir
@@ -94,7 +95,15 @@ class TrainedModel:
 
 
 def dataset_name(dataset: str | int) -> str:
-    """``Dataset901_Lesions`` for ``901``, ``'901'`` or the name itself (needs :func:`use_workdir` first)."""
+    """``Dataset901_Lesions`` for ``901``, ``'901'`` or the name itself (needs :func:`use_workdir` first).
+
+    A name is a name, never a path: the model is loaded from the working folder's results only."""
+    text = str(dataset).strip()
+    if not (text.isdigit() or DATASET_NAME.match(text)):
+        raise UnsafePathError(
+            f"--dataset {text!r}: give the dataset's name (Dataset901_Name) or id (901), not a path; the "
+            "trained model is read from the working folder's results (--workdir)"
+        )
     try:
         return str(maybe_convert_to_dataset_name(dataset))
     except (RuntimeError, ValueError) as err:
@@ -673,7 +682,7 @@ def predict(
             start = time.perf_counter()
             files = predictor.predict_case(case, workspace / case.case_id, save_probabilities, crop_body)
             for f in files:
-                target = output if single_file and f.name.endswith(ending) else out_dir / f.name
+                target = output if single_file and f.name.endswith(ending) else inside(out_dir, f.name)
                 os.replace(f, target)
                 if target.name.endswith(ending):
                     written.append(target)

@@ -37,6 +37,8 @@ from mednext.version import __version__
 __all__ = [
     "CheckpointError",
     "UnsafeCheckpointError",
+    "build_for_weights",
+    "check_fits",
     "detect_preset",
     "file_kind",
     "load_checkpoint",
@@ -122,7 +124,8 @@ def safe_torch_load(path: str | os.PathLike[str]) -> Any:
             return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         text = str(err)
-        found = re.search(r"GLOBAL ([\w.]+)", text)
+        # torch names what it refused as "GLOBAL module.name" or as "but got <class 'module.name'>"
+        found = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"but got <class '([\w.]+)'>", text)
         if found:
             raise UnsafeCheckpointError(
                 f"refused to load {str(p)!r}: its pickle asks to call {found.group(1)}, which is not a plain "
@@ -272,10 +275,12 @@ def parse_metadata(metadata: Mapping[str, str], path: str | os.PathLike[str]) ->
     return out
 
 
-def load_state_dict_exact(model: nn.Module, state_dict: Mapping[str, torch.Tensor], origin: str = "weights") -> None:
-    """Load ``state_dict`` into ``model`` requiring the same keys and shapes, with errors that
-    name the keys that could not be placed, the keys missing, or the tensor and both shapes."""
-    expected = model.state_dict()
+def check_fits(
+    expected: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor], origin: str = "weights"
+) -> None:
+    """Require ``state_dict`` to have exactly the keys and shapes of ``expected`` (a model's state
+    dict, possibly on the ``meta`` device), with errors that name the keys that could not be placed,
+    the keys missing, or the tensor and both shapes."""
     unplaced = [k for k in state_dict if k not in expected]
     if unplaced:
         raise LayoutError(f"{origin}: the model has no place for these tensors: {describe_keys(unplaced)}")
@@ -294,6 +299,46 @@ def load_state_dict_exact(model: nn.Module, state_dict: Mapping[str, torch.Tenso
                 f"{origin}: tensor {key!r} has shape {tuple(value.shape)} in the weights but "
                 f"{tuple(expected[key].shape)} in the model{hint}"
             )
+
+
+def _check_plausible(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor], origin: str) -> None:
+    """Every stage and every block holds at least one tensor: a config that claims more of them than
+    the weights hold is refused before even its ``meta`` model is built."""
+    strides = config.get("strides", ())
+    positions = 2 * len(strides) + 1 if isinstance(strides, (list, tuple)) else 1
+    counts = config.get("block_counts", 0)
+    blocks = counts * positions if isinstance(counts, int) else sum(c for c in counts if isinstance(c, int))
+    claimed = max(positions, blocks)
+    if claimed > len(state_dict):
+        raise CheckpointError(
+            f"{origin}: the stored config claims {claimed} blocks/stages but the file holds only "
+            f"{len(state_dict)} tensors; the file is damaged or was not written by mednext"
+        )
+
+
+def build_for_weights(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor], origin: str) -> MedNeXt:
+    """``MedNeXt(**config)`` with ``state_dict`` loaded, built only after its keys and shapes were
+    checked on the ``meta`` device: a config read from a file allocates no more than the file's
+    tensors hold, whatever width or depth it claims.
+
+    Raises CheckpointError when the config builds no MedNeXt, LayoutError/ShapeMismatchError when
+    the weights do not fit it."""
+    _check_plausible(config, state_dict, origin)
+    try:
+        with torch.device("meta"):
+            expected = MedNeXt(**config).state_dict()
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{origin}: the stored config does not build a MedNeXt ({err})") from None
+    check_fits(expected, state_dict, origin)
+    model = MedNeXt(**config)
+    model.load_state_dict(dict(state_dict), strict=True)
+    return model
+
+
+def load_state_dict_exact(model: nn.Module, state_dict: Mapping[str, torch.Tensor], origin: str = "weights") -> None:
+    """Load ``state_dict`` into ``model`` requiring the same keys and shapes, with errors that
+    name the keys that could not be placed, the keys missing, or the tensor and both shapes."""
+    check_fits(model.state_dict(), state_dict, origin)
     model.load_state_dict(dict(state_dict), strict=True)
 
 
@@ -314,9 +359,4 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, 
         )
     tensors, metadata = read_safetensors(path)
     info = parse_metadata(metadata, path)
-    try:
-        model = MedNeXt(**info["config"])
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{str(path)!r}: the stored config does not build a MedNeXt ({err})") from None
-    load_state_dict_exact(model, tensors, origin=str(path))
-    return model, info
+    return build_for_weights(info["config"], tensors, origin=str(path)), info

@@ -161,8 +161,7 @@ def load_pretrained(path_or_state_dict: Any, *, source: str = "auto", **override
         if report.layout == "monai" and "residual" not in overrides:
             config["residual"] = config["resample_residual"]  # MONAI has one switch for both
     report.overridden = sorted(overrides)
-    model = MedNeXt(**config)
-    load_state_dict_exact(model, sd, report.origin)
+    model = ckpt.build_for_weights(config, sd, report.origin)
     report.config = dict(model.config)
     model.load_report = report  # type: ignore[assignment]
     logger.info("%s", report.summary())
