@@ -12,6 +12,7 @@ __all__ = [
     "ConfigError",
     "DatasetError",
     "ExampleScansUnavailable",
+    "ImageReadError",
     "LayoutError",
     "ShapeMismatchError",
     "UnsafeCheckpointError",
@@ -46,6 +47,10 @@ class ShapeMismatchError(ValueError):
 
 class DatasetError(ValueError):
     """A raw dataset problem the user must fix; the message names the file and the fix."""
+
+
+class ImageReadError(ValueError):
+    """An image that cannot be read completely (cut off, a failed checksum) or holds NaN/Inf voxels."""
 
 
 class UnsafePathError(ValueError):

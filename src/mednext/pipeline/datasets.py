@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from mednext.errors import DatasetError, UnsafePathError
+from mednext.errors import DatasetError, ImageReadError, UnsafePathError
 from mednext.files import check_plain_name
+from mednext.pipeline.integrity import check_complete, check_file_finite
 from mednext.pipeline.workdir import preprocessed_folder, raw_folder, results_folder
 
 DATASET_NAME = re.compile(r"^Dataset(\d{3})_([A-Za-z0-9_\-]+)$")
@@ -29,6 +30,10 @@ FIRST_FREE_ID = 900  # ids chosen for folders without a DatasetXXX_ prefix start
 MAX_LISTED = 12  # problems listed in one error message
 SITK_ENDINGS = (".nii.gz", ".nrrd", ".mha", ".gipl", ".nii")
 NATURAL_2D_ENDINGS = (".png", ".bmp")
+NON_FINITE_IN_TRAINING = (
+    "the engine would train on them as zeros or stop in an assertion; replace them (e.g. with numpy.nan_to_num "
+    "and a value that means 'no signal' in this modality) or remove the case, then run mednext plan again"
+)
 
 
 @dataclass
@@ -201,6 +206,13 @@ def read_dataset_json(folder: str | os.PathLike) -> dict:
     ints = [v for v in labels.values() if isinstance(v, int)]
     if len(ints) != len(set(ints)):
         raise DatasetError(f'{path}: "labels" assigns the same value to two names: {labels}')
+    if len(ints) == len(labels) and sorted(ints) != list(range(len(ints))):
+        by_value = sorted(labels, key=lambda k: labels[k])
+        renumbered = ", ".join(f'"{k}": {i}' for i, k in enumerate(by_value))
+        raise DatasetError(
+            f'{path}: "labels" values must be consecutive 0, 1, 2, ... (the engine trains one output per value), '
+            f"got {sorted(ints)}; renumber them, e.g. {{{renumbered}}}, and write the label maps with the same values"
+        )
     if not isinstance(meta["numTraining"], int) or meta["numTraining"] < 1:
         raise DatasetError(f'{path}: "numTraining" must be a positive integer, got {meta["numTraining"]!r}')
     ending = meta["file_ending"]
@@ -361,6 +373,14 @@ def validate_raw_dataset(folder: str | os.PathLike, check_labels: bool = True) -
         if len(problems) >= MAX_LISTED:
             break
         if entry["label"] is None or any(not Path(p).is_file() for p in entry["images"]):
+            continue
+        try:
+            for p in [*entry["images"], entry["label"]]:
+                check_complete(p)
+            for p in entry["images"]:
+                check_file_finite(p, NON_FINITE_IN_TRAINING)
+        except ImageReadError as err:
+            problems.append(str(err))
             continue
         try:
             geo = {p: _geometry(Path(p), ending) for p in [*entry["images"], entry["label"]]}

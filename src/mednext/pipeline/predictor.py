@@ -47,6 +47,7 @@ from mednext.nn import MedNeXt, safe_torch_load
 from mednext.pipeline.body import check_ct_for_body_crop, compose_with_engine_crop, crop_to_body
 from mednext.pipeline.context import context_slices_of, stack_neighbour_slices
 from mednext.pipeline.datasets import DATASET_NAME
+from mednext.pipeline.integrity import check_complete, check_file_finite
 from mednext.pipeline.io import InputCase, collect_input_cases, image_ending
 from mednext.pipeline.workdir import results_folder as engine_results_folder
 from mednext.pipeline.workdir import use_workdir
@@ -90,6 +91,11 @@ class TrainedModel:
             return list(numbered)
         return ["all"] if (self.folder / "fold_all" / name).is_file() else []
 
+
+NON_FINITE_IN_PREDICTION = (
+    "the network cannot segment them (a prediction would be wrong without a word); replace them, e.g. with "
+    "numpy.nan_to_num and a value that means 'no signal' in this modality, and predict again"
+)
 
 # ----------------------------------------------------------------------------- finding a model
 
@@ -510,6 +516,8 @@ class MedNeXtPredictor(nnUNetPredictor):
 
     def read_case(self, case: InputCase) -> tuple[np.ndarray, dict]:
         """The case's channel files read by the plans' reader; a ValueError names the file and the fix."""
+        for f in case.files:
+            check_complete(f)
         reader = self.plans_manager.image_reader_writer_class()
         log = io.StringIO()  # the engine's readers print their complaints before raising
         try:
@@ -530,6 +538,8 @@ class MedNeXtPredictor(nnUNetPredictor):
         if data.shape[0] != len(case.files):
             counts = _channels_per_file(reader, case) if len(case.files) > 1 else [data.shape[0]]
             raise _channel_error(case, counts)
+        for f, channel in zip(case.files, data):
+            check_file_finite(f, NON_FINITE_IN_PREDICTION, array=channel)
         return data, properties
 
     def predict_case(
