@@ -170,6 +170,7 @@ def test_dicom_series_with_a_duplicate_slice_is_refused(tmp_path: Path, capsys, 
     image.SetMetaData("0008|0018", image.GetMetaData("0008|0018") + ".99")
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
+    writer.SetImageIO("GDCMImageIO")
     writer.SetFileName(str(slices[4]) + "b")
     writer.Execute(image)
     code, err = _predict(capsys, "-i", tmp_path / "series", "-o", tmp_path / "out", *model)
@@ -188,3 +189,19 @@ def test_irregular_series_allowed_is_resampled_onto_its_true_positions(tmp_path:
     assert pred.GetSize() == volume.GetSize()
     np.testing.assert_allclose(pred.GetSpacing(), volume.GetSpacing(), atol=1e-4)
     np.testing.assert_allclose(pred.GetOrigin(), volume.GetOrigin(), atol=1e-4)
+
+
+def test_regular_volume_keeps_read_slices_and_interpolates_the_gap(tmp_path: Path) -> None:
+    from mednext.pipeline.io import irregularities, regular_volume, slice_positions
+
+    volume = _series(tmp_path)
+    slices = sorted((tmp_path / "series").iterdir(), key=lambda p: int(p.name.rsplit(".", 1)[1]))
+    slices[7].unlink()
+    series = slice_positions([str(p) for p in slices if p.exists()])
+    typical, problems = irregularities(series.positions)
+    assert typical == pytest.approx(2.5) and len(problems) == 1 and "5.00 mm" in problems[0]
+    resampled = sitk.GetArrayFromImage(regular_volume(series, typical)).astype(float)
+    original = sitk.GetArrayFromImage(volume).astype(float)
+    kept = [i for i in range(16) if i != 7]
+    np.testing.assert_array_equal(resampled[kept], original[kept])
+    np.testing.assert_allclose(resampled[7], np.rint((original[6] + original[8]) / 2), atol=0.5)

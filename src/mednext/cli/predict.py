@@ -55,6 +55,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="CT: predict only inside the box around the patient's body (for scans with a wider field of view "
         "than the training scans: arms, table, air); background outside it",
     )  # fmt: skip
+    p.add_argument(
+        "--allow-irregular-slices", action="store_true",
+        help="DICOM: resample a series with missing, duplicate or unevenly spaced slices onto a regular grid "
+        "(default: refuse it, naming the slice positions)",
+    )  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -78,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         workdir=args.workdir,
         tile_batch=args.tile_batch,
         crop_body=args.crop_body,
+        allow_irregular_slices=args.allow_irregular_slices,
     )
     predict(settings)
     return 0

@@ -10,7 +10,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from mednext.errors import ImageReadError
 from mednext.files import check_plain_name
 
 # Endings any nnU-Net v2 reader understands; a file with one of these that is not the model's
@@ -29,6 +31,7 @@ class InputCase:
     files: list[Path]
     source: str = ""
     temporary: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def image_ending(path: str | Path) -> str | None:
@@ -164,8 +167,106 @@ def dicom_series(folder: Path) -> list[str]:
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
-def cases_from_dicom(folder: Path, ending: str, num_channels: int, workspace: Path) -> list[InputCase]:
-    """Read each DICOM series in ``folder`` and write it to ``workspace`` in the model's file ending."""
+# Slices closer than this (mm) along the slice normal are one position; gaps may differ from the
+# series' median gap by SLICE_GAP_TOLERANCE_MM or by SLICE_GAP_TOLERANCE of it, whichever is larger.
+SAME_POSITION_MM = 1e-3
+SLICE_GAP_TOLERANCE_MM = 0.02
+SLICE_GAP_TOLERANCE = 0.02
+
+
+@dataclass
+class SlicePositions:
+    """A DICOM series' files sorted along the slice normal, with their positions on it (mm)."""
+
+    files: list[str]
+    positions: list[float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]  # SimpleITK's row-major 3x3: columns are row, column and normal directions
+
+
+def slice_positions(files: list[str]) -> SlicePositions | None:
+    """Positions of each slice along the normal of its orientation (DICOM tags 0020,0032 and
+    0020,0037), sorted; None when a slice lacks either tag."""
+    import SimpleITK as sitk
+
+    found = []
+    orientation = None
+    for name in files:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(name)
+        reader.LoadPrivateTagsOff()
+        reader.ReadImageInformation()
+        if not (reader.HasMetaDataKey("0020|0032") and reader.HasMetaDataKey("0020|0037")):
+            return None
+        position = [float(v) for v in reader.GetMetaData("0020|0032").split("\\")]
+        if orientation is None:
+            orientation = [float(v) for v in reader.GetMetaData("0020|0037").split("\\")]
+        found.append((name, position))
+    import numpy as np
+
+    row, col = np.array(orientation[:3]), np.array(orientation[3:6])
+    normal = np.cross(row, col)
+    ordered = sorted(found, key=lambda item: float(np.dot(normal, item[1])))
+    direction = tuple(float(v) for v in np.stack([row, col, normal], axis=1).ravel())
+    return SlicePositions(
+        files=[name for name, _ in ordered],
+        positions=[float(np.dot(normal, p)) for _, p in ordered],
+        origin=tuple(ordered[0][1]),
+        direction=direction,
+    )
+
+
+def irregularities(positions: list[float]) -> tuple[float, list[str]]:
+    """The median gap of sorted slice positions and a description of every duplicate or irregular gap."""
+    import numpy as np
+
+    gaps = np.diff(positions)
+    typical = float(np.median(gaps[gaps > SAME_POSITION_MM])) if np.any(gaps > SAME_POSITION_MM) else 0.0
+    found = []
+    for i, gap in enumerate(gaps):
+        if gap <= SAME_POSITION_MM:
+            found.append(f"position {positions[i]:.1f} mm appears twice")
+        elif abs(gap - typical) > max(SLICE_GAP_TOLERANCE_MM, SLICE_GAP_TOLERANCE * typical):
+            found.append(f"{gap:.2f} mm between the slices at {positions[i]:.1f} and {positions[i + 1]:.1f} mm")
+    return typical, found
+
+
+def regular_volume(series: SlicePositions, spacing: float) -> Any:
+    """The series resampled onto slices ``spacing`` mm apart from its first slice, each slice
+    interpolated linearly between the two read slices around its position (duplicates: the first)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    first = sitk.ReadImage(series.files[0])
+    keep = [0] + [
+        i for i in range(1, len(series.files)) if series.positions[i] - series.positions[i - 1] > SAME_POSITION_MM
+    ]
+    positions = np.array([series.positions[i] for i in keep])
+    planes = np.stack([sitk.GetArrayFromImage(sitk.ReadImage(series.files[i]))[0] for i in keep]).astype(np.float64)
+    count = int(round((positions[-1] - positions[0]) / spacing)) + 1
+    targets = positions[0] + spacing * np.arange(count)
+    upper = np.clip(np.searchsorted(positions, targets, side="right"), 1, len(positions) - 1)
+    lower = upper - 1
+    weight = np.clip((targets - positions[lower]) / (positions[upper] - positions[lower]), 0.0, 1.0)
+    volume = planes[lower] * (1 - weight)[:, None, None] + planes[upper] * weight[:, None, None]
+    dtype = sitk.GetArrayViewFromImage(first).dtype
+    if np.issubdtype(dtype, np.integer):
+        volume = np.rint(volume)
+    image = sitk.GetImageFromArray(volume.astype(dtype))
+    image.SetSpacing((*first.GetSpacing()[:2], float(spacing)))
+    image.SetOrigin(series.origin)
+    image.SetDirection(series.direction)
+    return image
+
+
+def cases_from_dicom(
+    folder: Path, ending: str, num_channels: int, workspace: Path, allow_irregular_slices: bool = False
+) -> list[InputCase]:
+    """Read each DICOM series in ``folder`` and write it to ``workspace`` in the model's file ending.
+
+    A series whose slices are missing, duplicated or unevenly spaced is refused (the volume would
+    not line up with the series); with ``allow_irregular_slices`` it is resampled onto its median
+    slice gap (:func:`regular_volume`), and the case carries a note saying so."""
     import SimpleITK as sitk
 
     if num_channels != 1:
@@ -178,14 +279,39 @@ def cases_from_dicom(folder: Path, ending: str, num_channels: int, workspace: Pa
             f"{folder} is a DICOM series (a 3D volume) but this model was trained on '{ending}' files; "
             f"DICOM input needs a model trained on volumes ({', '.join(_VOLUME_ENDINGS)})"
         )
-    series = dicom_series(folder)
+    series_ids = dicom_series(folder)
     cases = []
-    for index, series_id in enumerate(series):
-        names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_id)
-        reader = sitk.ImageSeriesReader()
-        reader.SetFileNames(names)
+    for index, series_id in enumerate(series_ids):
+        names = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_id))
+        notes = []
         try:
-            image = reader.Execute()
+            series = slice_positions(names) if len(names) > 1 else None
+            if len(names) > 1 and series is None and not allow_irregular_slices:
+                raise ImageReadError(
+                    f"DICOM series {series_id} in {folder}: a slice lacks its position or orientation (tags "
+                    "0020,0032 and 0020,0037), so the slices' order and spacing cannot be checked; pass "
+                    "--allow-irregular-slices to read the series in the reader's order and spacing"
+                )
+            typical, problems = irregularities(series.positions) if series is not None else (0.0, [])
+            if problems and not allow_irregular_slices:
+                raise ImageReadError(
+                    f"DICOM series {series_id} in {folder} has missing, duplicate or unevenly spaced slices ("
+                    + "; ".join(problems[:5])
+                    + ("; ..." if len(problems) > 5 else "")
+                    + f"; the other slices are {typical:.2f} mm apart): the volume would not line up with the "
+                    "series. Add the missing slices or remove the duplicates, or pass --allow-irregular-slices "
+                    f"to resample the series onto slices {typical:.2f} mm apart"
+                )
+            if problems:
+                image = regular_volume(series, typical)
+                notes.append(
+                    f"irregular slices ({'; '.join(problems[:5])}): resampled onto {image.GetDepth()} slices "
+                    f"{typical:.2f} mm apart"
+                )
+            else:
+                reader = sitk.ImageSeriesReader()
+                reader.SetFileNames(names)
+                image = reader.Execute()
         except RuntimeError as err:
             raise ValueError(f"could not read DICOM series {series_id} in {folder}: {err}") from err
         if image.GetNumberOfComponentsPerPixel() != 1:
@@ -193,14 +319,17 @@ def cases_from_dicom(folder: Path, ending: str, num_channels: int, workspace: Pa
                 f"DICOM series {series_id} in {folder} has {image.GetNumberOfComponentsPerPixel()} components "
                 "per pixel (colour?); the model takes one grey-value channel"
             )
-        case_id = folder.name if len(series) == 1 else f"{folder.name}_{index:02d}"
+        case_id = folder.name if len(series_ids) == 1 else f"{folder.name}_{index:02d}"
         target = workspace / f"{case_id}_0000{ending}"
         sitk.WriteImage(image, str(target), True)
-        cases.append(InputCase(case_id, [target], source=f"{folder} (DICOM series {series_id})", temporary=[target]))
+        source = f"{folder} (DICOM series {series_id})"
+        cases.append(InputCase(case_id, [target], source=source, temporary=[target], notes=notes))
     return cases
 
 
-def collect_input_cases(path: str | Path, ending: str, num_channels: int, workspace: Path) -> list[InputCase]:
+def collect_input_cases(
+    path: str | Path, ending: str, num_channels: int, workspace: Path, allow_irregular_slices: bool = False
+) -> list[InputCase]:
     """Turn ``path`` into cases with one file per channel.
 
     ``path`` is an image file, a folder of image files, a DICOM series folder, or a folder whose
@@ -208,7 +337,8 @@ def collect_input_cases(path: str | Path, ending: str, num_channels: int, worksp
 
     Raises FileNotFoundError when ``path`` does not exist and ValueError, naming the file and the
     fix, for files in another ending, missing or surplus channel files, and empty folders.
-    ``workspace`` receives DICOM series converted to ``ending``.
+    ``workspace`` receives DICOM series converted to ``ending``; ``allow_irregular_slices``: see
+    :func:`cases_from_dicom`.
     """
     path = Path(path)
     if not path.exists():
@@ -221,13 +351,13 @@ def collect_input_cases(path: str | Path, ending: str, num_channels: int, worksp
     if has_images:
         cases = cases_from_folder(path, ending, num_channels)
     elif dicom_series(path):
-        cases = cases_from_dicom(path, ending, num_channels, workspace)
+        cases = cases_from_dicom(path, ending, num_channels, workspace, allow_irregular_slices)
     else:
         # a folder of DICOM series folders (one per scan), each a case named after its folder
         cases = []
         for sub in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
             if dicom_series(sub):
-                cases += cases_from_dicom(sub, ending, num_channels, workspace)
+                cases += cases_from_dicom(sub, ending, num_channels, workspace, allow_irregular_slices)
     for case in cases:
         check_plain_name(case.case_id, f"{case.source}: case name")
     if not cases:

@@ -638,6 +638,7 @@ def predict(
     log: Any = print,
     tile_batch: int = 2,
     crop_body: bool = False,
+    allow_irregular_slices: bool = False,
 ) -> list[Path]:
     """Segment every case in ``input_path`` with a trained MedNeXt and return the written segmentations.
 
@@ -648,6 +649,8 @@ def predict(
     single case, a file path ending in the dataset's file ending. Every file is written to a temporary
     name in the same folder and moved into place, so a failed run leaves no partial output.
     ``tile_batch``: sliding-window tiles per network forward on the CPU (:class:`MedNeXtPredictor`).
+    ``allow_irregular_slices``: resample a DICOM series with missing, duplicate or unevenly spaced
+    slices onto a regular grid instead of refusing it (:func:`mednext.pipeline.io.cases_from_dicom`).
     """
     _check_tile_batch(tile_batch)
     use_workdir(workdir)
@@ -668,7 +671,7 @@ def predict(
     out_dir.mkdir(parents=True, exist_ok=True)
     workspace = Path(tempfile.mkdtemp(dir=out_dir, prefix=".mednext-predict-"))
     try:
-        cases = collect_input_cases(input_path, ending, num_channels, workspace)
+        cases = collect_input_cases(input_path, ending, num_channels, workspace, allow_irregular_slices)
         if single_file and len(cases) != 1:
             raise ValueError(f"{input_path} holds {len(cases)} cases; give a folder as output, not the file {output}")
         inputs = {f.resolve() for case in cases for f in case.files}
@@ -689,6 +692,8 @@ def predict(
         )
         written = []
         for case in cases:
+            for note in case.notes:
+                log(f"  {case.case_id}: {note}")
             start = time.perf_counter()
             files = predictor.predict_case(case, workspace / case.case_id, save_probabilities, crop_body)
             for f in files:

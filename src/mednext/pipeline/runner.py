@@ -296,6 +296,8 @@ class PredictSettings:
         workdir: the working folder (None: ``./mednext_work``; nnU-Net's variables win when set).
         tile_batch: sliding-window tiles per network forward on the CPU.
         crop_body: CT only: predict inside the box around the patient's body.
+        allow_irregular_slices: resample a DICOM series with missing, duplicate or unevenly spaced
+            slices onto a regular grid instead of refusing it.
     """
 
     input_path: str | os.PathLike
@@ -314,6 +316,7 @@ class PredictSettings:
     workdir: str | os.PathLike | None = None
     tile_batch: int = 2
     crop_body: bool = False
+    allow_irregular_slices: bool = False
 
 
 def predict(settings: PredictSettings, log: Callable[[str], Any] = print) -> list[Path]:
