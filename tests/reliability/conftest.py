@@ -20,8 +20,3 @@ def _one_process_one_thread():
     with engine_setting(DEFAULT_PROCESSES, 1), engine_setting(COMPILE, 0):
         torch.set_num_threads(1)
         yield
-
-
-def files_under(root: Path) -> set[Path]:
-    """Every file below ``root`` (links included), as paths relative to it."""
-    return {p.relative_to(root) for p in root.rglob("*") if p.is_file() or p.is_symlink()}

@@ -6,11 +6,15 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import files_under
 from synthetic_data import make_dataset
 from test_predict import blob_image, make_results_folder, write_image
 
 from mednext.cli import main
+
+
+def files_under(root: Path) -> set[Path]:
+    """Every file below ``root`` (links included), as paths relative to it."""
+    return {p.relative_to(root) for p in root.rglob("*") if p.is_file() or p.is_symlink()}
 
 
 @pytest.mark.parametrize(
@@ -38,7 +42,9 @@ def test_case_ids_with_path_parts_are_refused_at_plan(tmp_path: Path, capsys, ba
     assert not (tmp_path / "work" / "nnUNet_preprocessed" / "Dataset960_Trav").exists()
 
 
-@pytest.mark.parametrize("spec", ["../elsewhere/Dataset961_Out", "Dataset961_Out/../../../elsewhere", "/abs/Dataset961"])
+@pytest.mark.parametrize(
+    "spec", ["../elsewhere/Dataset961_Out", "Dataset961_Out/../../../elsewhere", "/abs/Dataset961"]
+)
 def test_predict_dataset_must_be_a_name_not_a_path(tmp_path: Path, capsys, spec: str) -> None:
     work = tmp_path / "work"
     # a results folder that the path would reach from inside the results folder

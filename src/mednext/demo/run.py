@@ -43,6 +43,7 @@ from mednext.pipeline.evaluate import LabelSet, evaluate_case
 from mednext.pipeline.io import InputCase
 from mednext.pipeline.planning import RECIPES
 from mednext.pipeline.predictor import predict, predict_case
+from mednext.pipeline.preprocessed import preprocess
 from mednext.pipeline.runner import PlanSettings, TrainSettings, find_plans, plan, results_folder_of, train
 from mednext.pipeline.workdir import AUGMENTATION_WORKERS, engine_setting, preprocessed_folder, use_workdir
 
@@ -448,7 +449,7 @@ def prepare_data(
             f"[{settings.ct_window[0]:.0f}, {settings.ct_window[1]:.0f}] HU; preprocessing again",
             start,
         )
-        _quiet_call(preprocess_dataset, info.dataset_id, RECIPES["auto"], [CONFIGURATION], [1], show_progress_bar=False)
+        _quiet_call(preprocess, name, RECIPES["auto"], [CONFIGURATION], 1, show_progress_bar=False)
     cfg = plans["configurations"][CONFIGURATION]
     timings["plan_s"] = time.perf_counter() - t
     _say(f"    patch {cfg['patch_size']}, batch {cfg['batch_size']}, spacing {cfg['spacing']} mm", start)

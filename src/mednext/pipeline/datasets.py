@@ -314,6 +314,13 @@ def _collect_cases(folder: Path, meta: dict, problems: list[str]) -> dict[str, d
     return cases
 
 
+def raw_case_files(folder: str | os.PathLike) -> dict[str, list[Path]]:
+    """Case id -> its image files and label of the raw dataset ``folder``, as the checks pair them."""
+    folder = Path(folder)
+    cases = _collect_cases(folder, read_dataset_json(folder), [])
+    return {case: [*entry["images"], *([entry["label"]] if entry["label"] else [])] for case, entry in cases.items()}
+
+
 def _geometry(path: Path, ending: str) -> tuple[tuple[int, ...], tuple[float, ...], tuple[float, ...], int]:
     """(size, spacing, origin, channels-in-file) in the file's own axis order; header only where possible."""
     if ending in SITK_ENDINGS:

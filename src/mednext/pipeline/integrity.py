@@ -86,7 +86,9 @@ def _nifti(path: Path) -> None:
         with opener(path, "rb") as fh:
             head = fh.read(540)
     except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as err:
-        raise ImageReadError(f"{path}: the NIfTI header cannot be read ({err}); copy or export the file again") from None
+        raise ImageReadError(
+            f"{path}: the NIfTI header cannot be read ({err}); copy or export the file again"
+        ) from None
     if len(head) < 348:
         raise _cut_off(path, len(head), 348)
     for endian in "<>":
@@ -287,7 +289,9 @@ def check_file_finite(path: str | os.PathLike[str], action: str, array: np.ndarr
 def _raise_non_finite(path: Path, nan: int, inf: int, voxels: int, action: str) -> None:
     if nan or inf:
         what = " and ".join(t for t, n in (("NaN", nan), ("infinite", inf)) if n)
-        raise ImageReadError(f"{path}: {nan + inf} voxel(s) of {voxels} are {what} ({nan} NaN, {inf} infinite); {action}")
+        raise ImageReadError(
+            f"{path}: {nan + inf} voxel(s) of {voxels} are {what} ({nan} NaN, {inf} infinite); {action}"
+        )
 
 
 def check_finite(array: np.ndarray, path: str | os.PathLike[str], action: str) -> None:

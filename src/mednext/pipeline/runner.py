@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
-from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
 
 from mednext.errors import DatasetError
 from mednext.files import resolve_device
@@ -26,6 +25,7 @@ from mednext.pipeline import predictor
 from mednext.pipeline.datasets import dataset_id_of, register_dataset, resolve_dataset, validate_raw_dataset
 from mednext.pipeline.ddp import init_distributed
 from mednext.pipeline.planning import PLANNERS, RECIPES, SUPPORTED_CONFIGS
+from mednext.pipeline.preprocessed import check_preprocessed, check_splits, preprocess
 from mednext.pipeline.trainer import MedNeXtTrainer, get_trainer_class
 from mednext.pipeline.workdir import (
     AUGMENTATION_WORKERS,
@@ -94,9 +94,7 @@ def plan(settings: PlanSettings) -> dict[str, Any]:
         raise DatasetError(
             f"{name} is a {info.spatial_dims}D dataset: none of {configs} can be planned for it; use --configs 2d"
         )
-    preprocess_dataset(
-        dataset_id, planner.plans_identifier, available, [nproc] * len(available), verbose=settings.verbose
-    )
+    preprocess(name, planner.plans_identifier, available, nproc, verbose=settings.verbose)
     plans["mednext_skipped"] = skipped
     plans["mednext_dataset_name"] = name
     return plans
@@ -206,12 +204,16 @@ def train(settings: TrainSettings) -> MedNeXtTrainer:
             f"configuration {configuration!r} was not planned for {name} (plans {plans_id} has "
             f"{', '.join(plans['configurations'])}); run 'mednext plan {name} --configs {configuration}'"
         )
-    data_dir = base / plans["configurations"][configuration]["data_identifier"]
+    data_identifier = plans["configurations"][configuration]["data_identifier"]
+    data_dir = base / data_identifier
     if not data_dir.is_dir() or not any(data_dir.iterdir()):
         raise FileNotFoundError(
             f"{data_dir} is missing or empty: {configuration} was planned but not preprocessed; run "
             f"'mednext plan {name} --configs {configuration}'"
         )
+    cases = check_preprocessed(name, configuration, data_identifier)
+    if fold != "all":
+        check_splits(name, cases)
     workers = settings.num_workers
     if workers is not None and workers < 0:
         raise ValueError(f"--num-workers must be >= 0, got {workers}")

@@ -21,7 +21,6 @@ from torch import nn
 from mednext.errors import ShapeMismatchError
 from mednext.nn.mednext import MedNeXt
 from mednext.nn.weights import checkpoint as ckpt
-from mednext.nn.weights.checkpoint import load_state_dict_exact
 from mednext.nn.weights.layouts import (
     CONFIG_KEYS,
     SHOW_KEYS,
