@@ -12,6 +12,7 @@ __all__ = [
     "ConfigError",
     "DatasetError",
     "ExampleScansUnavailable",
+    "FolderBusyError",
     "ImageReadError",
     "LayoutError",
     "ShapeMismatchError",
@@ -56,6 +57,10 @@ class ImageReadError(ValueError):
 class UnsafePathError(ValueError):
     """A name that would place a file outside its folder (path separators, ``..``, an absolute
     path, control characters), or a path that leaves the folder it must stay in."""
+
+
+class FolderBusyError(UserError):
+    """Another mednext command holds the folder this one would write (see ``mednext.files.folder_lock``)."""
 
 
 class ExampleScansUnavailable(UserError):

@@ -8,23 +8,33 @@ half-written file under the final name.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mednext.errors import UnsafePathError
+from mednext.errors import FolderBusyError, UnsafePathError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: no locks
+    fcntl = None
 
 __all__ = [
     "atomic_write",
     "atomic_write_json",
     "atomic_write_text",
     "check_plain_name",
+    "folder_lock",
     "inside",
+    "remove_stale_temporaries",
     "resolve_device",
     "temporary_path_beside",
 ]
@@ -71,12 +81,27 @@ def temporary_path_beside(path: str | os.PathLike[str]) -> Path:
     return Path(tmp)
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], Any], mode: int = 0o644) -> Path:
+def _umask() -> int:
+    """The process's umask (read from /proc where it can be, without changing it)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], Any], mode: int | None = None) -> Path:
     """Call ``write(tmp)`` to fill a temporary file beside ``path``, then move it over ``path``.
 
-    On any error (or interruption) the temporary file is removed and ``path`` is left as it was.
-    ``mode`` sets the permission bits of the result (``mkstemp`` creates files readable by the
-    owner only). Returns ``path``.
+    On any error (or interruption) the temporary file is removed and ``path`` is left as it was
+    (a kill -9 can leave the hidden temporary file; :func:`remove_stale_temporaries` removes it).
+    ``mode`` sets the permission bits of the result; by default those of any new file under the
+    user's umask (``mkstemp`` alone creates files readable by the owner only). Returns ``path``.
     """
     target = Path(path)
     tmp = temporary_path_beside(target)
@@ -84,12 +109,91 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], Any], mod
         write(tmp)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
+        os.chmod(tmp, 0o666 & ~_umask() if mode is None else mode)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.filename is None:
+            # a failed write (a full disk) does not say where: name the file it was for
+            raise OSError(err.errno, err.strerror or str(err), str(target)) from err
         raise
     return target
+
+
+_TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # temporary_path_beside's names (mkstemp: 8 characters)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike[str], prefixes: tuple[str, ...] = ()) -> list[Path]:
+    """Remove what killed runs left in ``folder``: the hidden temporary files of :func:`atomic_write`
+    and folders whose names start with one of ``prefixes``. Call it only while holding the folder's
+    :func:`folder_lock`, so that no running writer's files are taken. Returns what was removed."""
+    root = Path(folder)
+    removed = []
+    if not root.is_dir():
+        return removed
+    for p in root.iterdir():
+        if p.is_file() and _TEMPORARY.match(p.name):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+        elif p.is_dir() and prefixes and p.name.startswith(prefixes):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+LOCK_NAME = ".mednext.lock"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike[str], what: str, shared: bool = False) -> Iterator[Path]:
+    """Hold ``folder``'s lock (created with the folder if needed) for the block: exclusive, or
+    ``shared`` with other shared holders. Another process holding it in a conflicting way is a
+    FolderBusyError naming the folder and that process's command. The lock goes with the process
+    (a killed run leaves nothing to clean up); its file is removed by the last holder.
+    ``what`` names the holder's command, e.g. ``"mednext plan"``."""
+    root = Path(folder)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / LOCK_NAME
+    if fcntl is None:  # pragma: no cover - not POSIX: no locks
+        yield root
+        return
+    handle = _acquire(path, shared)
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{what} (process {os.getpid()})")
+        handle.flush()
+        yield root
+    finally:
+        try:
+            # the last holder removes the file; it still holds the lock while doing so, and a
+            # process that opened the removed file notices (see _acquire) and takes the new one
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            path.unlink(missing_ok=True)
+        except BlockingIOError:
+            pass  # other shared holders remain
+        finally:
+            handle.close()
+
+
+def _acquire(path: Path, shared: bool) -> Any:
+    while True:
+        handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 (held by folder_lock)
+        try:
+            fcntl.flock(handle.fileno(), (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another mednext command"
+            handle.close()
+            raise FolderBusyError(
+                f"{path.parent} is in use by {holder}; wait until it has finished (or stop it), or use another folder"
+            ) from None
+        try:
+            if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+                return handle
+        except FileNotFoundError:
+            pass
+        handle.close()  # the file was removed by its last holder meanwhile: lock the new one
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:

@@ -41,7 +41,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch._dynamo import OptimizedModule
 
 from mednext.errors import CheckpointError, UnsafePathError
-from mednext.files import atomic_write_json, inside, resolve_device
+from mednext.files import atomic_write_json, folder_lock, inside, remove_stale_temporaries, resolve_device
 from mednext.memory import keeps_freed_memory, reuse_freed_memory
 from mednext.nn import MedNeXt, safe_torch_load
 from mednext.pipeline.body import check_ct_for_body_crop, compose_with_engine_crop, crop_to_body
@@ -668,8 +668,39 @@ def predict(
             f"output {output} has ending '{image_ending(output)}' but the model writes '{ending}' files "
             f"(dataset.json 'file_ending'); name the output file *{ending} or give a folder"
         )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    workspace = Path(tempfile.mkdtemp(dir=out_dir, prefix=".mednext-predict-"))
+    with folder_lock(out_dir, "mednext predict"):
+        remove_stale_temporaries(out_dir, prefixes=(WORKSPACE_PREFIX,))
+        return _predict_into(
+            trained, dataset_json, input_path, output, out_dir, single_file, ending, num_channels, folds,
+            checkpoint, device, tta, step_size, save_probabilities, log, tile_batch, crop_body, allow_irregular_slices,
+        )  # fmt: skip
+
+
+WORKSPACE_PREFIX = ".mednext-predict-"
+
+
+def _predict_into(
+    trained: TrainedModel,
+    dataset_json: dict,
+    input_path: str | os.PathLike,
+    output: Path,
+    out_dir: Path,
+    single_file: bool,
+    ending: str,
+    num_channels: int,
+    folds: Sequence[int | str] | None,
+    checkpoint: str,
+    device: str | torch.device | None,
+    tta: bool,
+    step_size: float,
+    save_probabilities: bool,
+    log: Any,
+    tile_batch: int,
+    crop_body: bool,
+    allow_irregular_slices: bool,
+) -> list[Path]:
+    """:func:`predict` once the output folder is locked."""
+    workspace = Path(tempfile.mkdtemp(dir=out_dir, prefix=WORKSPACE_PREFIX))
     try:
         cases = collect_input_cases(input_path, ending, num_channels, workspace, allow_irregular_slices)
         if single_file and len(cases) != 1:

@@ -7,6 +7,7 @@ pointing the engine at a working folder (:func:`mednext.pipeline.workdir.use_wor
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -19,7 +20,7 @@ import torch
 from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
 
 from mednext.errors import DatasetError
-from mednext.files import resolve_device
+from mednext.files import folder_lock, remove_stale_temporaries, resolve_device
 from mednext.nn import safe_torch_load, transfer_weights, upkern
 from mednext.pipeline import predictor
 from mednext.pipeline.datasets import dataset_id_of, register_dataset, resolve_dataset, validate_raw_dataset
@@ -85,16 +86,19 @@ def plan(settings: PlanSettings) -> dict[str, Any]:
         info = validate_raw_dataset(raw_folder() / name)
     nproc = settings.num_processes or default_processes()
     dataset_id = dataset_id_of(name)
-    DatasetFingerprintExtractor(dataset_id, nproc, verbose=settings.verbose).run(overwrite_existing=True)
-    planner = PLANNERS[settings.recipe](dataset_id, gpu_memory_target_in_gb=settings.memory_gb)
-    plans = planner.plan_experiment()
-    available = [c for c in configs if c in plans["configurations"]]
-    skipped = [c for c in configs if c not in available]
-    if not available:
-        raise DatasetError(
-            f"{name} is a {info.spatial_dims}D dataset: none of {configs} can be planned for it; use --configs 2d"
-        )
-    preprocess(name, planner.plans_identifier, available, nproc, verbose=settings.verbose)
+    base = preprocessed_folder() / name
+    with folder_lock(base, "mednext plan"):
+        remove_stale_temporaries(base)
+        DatasetFingerprintExtractor(dataset_id, nproc, verbose=settings.verbose).run(overwrite_existing=True)
+        planner = PLANNERS[settings.recipe](dataset_id, gpu_memory_target_in_gb=settings.memory_gb)
+        plans = planner.plan_experiment()
+        available = [c for c in configs if c in plans["configurations"]]
+        skipped = [c for c in configs if c not in available]
+        if not available:
+            raise DatasetError(
+                f"{name} is a {info.spatial_dims}D dataset: none of {configs} can be planned for it; use --configs 2d"
+            )
+        preprocess(name, planner.plans_identifier, available, nproc, verbose=settings.verbose)
     plans["mednext_skipped"] = skipped
     plans["mednext_dataset_name"] = name
     return plans
@@ -197,7 +201,7 @@ def train(settings: TrainSettings) -> MedNeXtTrainer:
         raise ValueError("--resume continues from the run's own checkpoint; drop --pretrained/--upkern-from")
     plans_id = find_plans(name, settings.recipe)
     base = preprocessed_folder() / name
-    plans = json.loads((base / f"{plans_id}.json").read_text())
+    plans = json.loads((base / f"{plans_id}.json").read_text(encoding="utf-8"))
     configuration = settings.configuration
     if configuration not in plans["configurations"]:
         raise ValueError(
@@ -211,24 +215,31 @@ def train(settings: TrainSettings) -> MedNeXtTrainer:
             f"{data_dir} is missing or empty: {configuration} was planned but not preprocessed; run "
             f"'mednext plan {name} --configs {configuration}'"
         )
-    cases = check_preprocessed(name, configuration, data_identifier)
-    if fold != "all":
-        check_splits(name, cases)
     workers = settings.num_workers
     if workers is not None and workers < 0:
         raise ValueError(f"--num-workers must be >= 0, got {workers}")
     if workers is None and augmentation_workers() is None and device.type == "cpu":
         workers = 0  # on CPU the network, not augmentation, is the bottleneck; workers only compete for cores
 
-    init_distributed(device.type)
-    dataset_json = json.loads((base / "dataset.json").read_text())
+    distributed = init_distributed(device.type)
+    dataset_json = json.loads((base / "dataset.json").read_text(encoding="utf-8"))
     plans["continue_training"] = settings.resume
-    with engine_setting(AUGMENTATION_WORKERS, workers):
-        trainer = cls(plans=plans, configuration=configuration, fold=fold, dataset_json=dataset_json, device=device)
-        _start(trainer, settings)
-        trainer.run_training()
-        if settings.validate:
-            trainer.perform_actual_validation(save_probabilities=False)
+    fold_folder = results_folder_of(cls, name, plans_id, configuration) / f"fold_{fold}"
+    with contextlib.ExitStack() as held:
+        # a plan cannot rewrite the data under a training; one training per fold folder (rank 0 of a DDP run)
+        held.enter_context(folder_lock(base, "mednext train", shared=True))
+        if not distributed or torch.distributed.get_rank() == 0:
+            held.enter_context(folder_lock(fold_folder, f"mednext train (fold {fold})"))
+            remove_stale_temporaries(fold_folder)
+        cases = check_preprocessed(name, configuration, data_identifier)
+        if fold != "all":
+            check_splits(name, cases)
+        with engine_setting(AUGMENTATION_WORKERS, workers):
+            trainer = cls(plans=plans, configuration=configuration, fold=fold, dataset_json=dataset_json, device=device)
+            _start(trainer, settings)
+            trainer.run_training()
+            if settings.validate:
+                trainer.perform_actual_validation(save_probabilities=False)
     return trainer
 
 
