@@ -304,3 +304,32 @@ def test_architecture_doc_is_short_and_names_every_layer():
     assert len(text.splitlines()) <= 150
     for layer in ("config", "errors", "files", "memory", *LAYERS):
         assert f"`{layer}" in text or f"{layer}/" in text, f"docs/architecture.md does not describe {layer}"
+
+
+def _text_io_without_encoding(path: Path) -> list[str]:
+    """Calls that read or write text in the locale's encoding: ``read_text``/``write_text`` and
+    text-mode ``open`` without ``encoding=`` (a machine with an ASCII locale then fails on any
+    non-ASCII path or label name)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+        keywords = {k.arg for k in node.keywords}
+        if name in ("read_text", "write_text") and "encoding" not in keywords:
+            found.append(f"line {node.lineno}: {name} without encoding")
+        if name == "open" and isinstance(func, ast.Name) and "encoding" not in keywords:
+            mode = (
+                node.args[1] if len(node.args) > 1 else next((k.value for k in node.keywords if k.arg == "mode"), None)
+            )
+            text_mode = mode is None or (isinstance(mode, ast.Constant) and "b" not in str(mode.value))
+            if text_mode:
+                found.append(f"line {node.lineno}: open() in text mode without encoding")
+    return found
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_text_files_are_read_and_written_with_an_encoding(module):
+    bad = _text_io_without_encoding(MODULES[module])
+    assert not bad, f"{module}: name the encoding (utf-8), whatever the machine's locale:\n" + "\n".join(bad)

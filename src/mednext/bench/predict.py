@@ -266,8 +266,8 @@ def _stock_predictor(setup: PredictSetup, network: torch.nn.Module, weights: dic
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    plans = json.loads((setup.results_folder / "plans.json").read_text())
-    dataset_json = json.loads((setup.results_folder / "dataset.json").read_text())
+    plans = json.loads((setup.results_folder / "plans.json").read_text(encoding="utf-8"))
+    dataset_json = json.loads((setup.results_folder / "dataset.json").read_text(encoding="utf-8"))
     with contextlib.redirect_stdout(io.StringIO()):
         predictor = nnUNetPredictor(
             tile_step_size=0.5, use_gaussian=True, use_mirroring=tta, perform_everything_on_device=False,
@@ -289,7 +289,7 @@ def predict_engine(
         net = require_monai().MedNeXt(**setup.monai_kwargs)
         weights = safe_torch_load(setup.monai_weights)
     else:
-        plans = json.loads((setup.results_folder / "plans.json").read_text())
+        plans = json.loads((setup.results_folder / "plans.json").read_text(encoding="utf-8"))
         arch = plans["configurations"][CONFIGURATION]["architecture"]["arch_kwargs"]
         net = MedNeXt(in_channels=1, num_classes=setup.num_classes, **arch)
         weights = safe_torch_load(setup.results_folder / "fold_0" / "checkpoint_final.pth")["network_weights"]
@@ -411,8 +411,8 @@ def agreement(reference_dir: Path, other_dir: Path) -> Agreement:
 def float32_agreement(setup: PredictSetup, tta: bool, tile_batch: int = 2) -> Agreement:
     """Our network against MONAI's through the same sliding window with float32 sums (the engine
     sums in float16): what differs between the two networks alone, on the preprocessed case."""
-    plans = json.loads((setup.results_folder / "plans.json").read_text())
-    dataset_json = json.loads((setup.results_folder / "dataset.json").read_text())
+    plans = json.loads((setup.results_folder / "plans.json").read_text(encoding="utf-8"))
+    dataset_json = json.loads((setup.results_folder / "dataset.json").read_text(encoding="utf-8"))
     arch = plans["configurations"][CONFIGURATION]["architecture"]["arch_kwargs"]
     ours = MedNeXt(in_channels=1, num_classes=setup.num_classes, **arch).eval()
     ours.load_state_dict(safe_torch_load(setup.results_folder / "fold_0" / "checkpoint_final.pth")["network_weights"])
@@ -524,7 +524,7 @@ def count_tiles(shape: Sequence[int], patch: Sequence[int], step: float = 0.5) -
 
 def _load() -> str:
     try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+        return " ".join(Path("/proc/loadavg").read_text(encoding="utf-8").split()[:3])
     except OSError:
         return "n/a"
 
@@ -623,7 +623,7 @@ def run_predict_benchmark(
 def write_markdown(path: str | os.PathLike, result: PredictBenchmarkResult, machine: str, command: str) -> None:
     """Append one full-volume prediction result to a Markdown file, atomically."""
     target = Path(path)
-    old = target.read_text() if target.exists() else "# Benchmarks\n"
+    old = target.read_text(encoding="utf-8") if target.exists() else "# Benchmarks\n"
     shape = "x".join(map(str, result.shape_zyx))
     spacing = "x".join(f"{s:g}" for s in result.spacing_zyx)
     patch = "x".join(map(str, result.patch))

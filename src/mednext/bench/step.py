@@ -317,7 +317,7 @@ def machine_description(device: str = "cpu") -> str:
         return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
     cpu = platform.processor() or platform.machine()
     try:
-        with open("/proc/cpuinfo") as f:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
         cpu = names[0] if names else cpu
     except OSError:
@@ -328,7 +328,7 @@ def machine_description(device: str = "cpu") -> str:
 def write_markdown(path: str | os.PathLike, result: BenchmarkResult, machine: str, command: str) -> None:
     """Append one result (heading, machine, command, table) to a Markdown file, atomically."""
     target = Path(path)
-    old = target.read_text() if target.exists() else "# Benchmarks\n"
+    old = target.read_text(encoding="utf-8") if target.exists() else "# Benchmarks\n"
     patch = "x".join(map(str, result.patch))
     section = (
         f"\n## MedNeXt-{result.preset} k{result.kernel_size} {result.spatial_dims}D, patch {patch}, batch {result.batch}, "

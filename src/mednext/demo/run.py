@@ -120,7 +120,7 @@ def set_ct_window(plans_path: Path, window: tuple[float, float]) -> dict:
     low, high = float(window[0]), float(window[1])
     if not low < high:
         raise ValueError(f"CT window {window}: the lower bound must be below the upper bound")
-    plans = json.loads(plans_path.read_text())
+    plans = json.loads(plans_path.read_text(encoding="utf-8"))
     props = plans["foreground_intensity_properties_per_channel"]
     plans.setdefault(
         "mednext_fingerprint_window",
@@ -209,9 +209,9 @@ def train_nnunet(settings: DemoSettings, dataset_name: str, device: Any, budget_
     """The engine's default 2d U-Net and recipe on fold ``all`` under the same budget."""
     cls = nnUNetTrainer_demoBudget
     base = preprocessed_folder() / dataset_name
-    plans = json.loads((base / f"{NNUNET_PLANS}.json").read_text())
+    plans = json.loads((base / f"{NNUNET_PLANS}.json").read_text(encoding="utf-8"))
     plans["continue_training"] = False  # nnunetv2 2.8 reads (and pops) this key
-    dataset_json = json.loads((base / "dataset.json").read_text())
+    dataset_json = json.loads((base / "dataset.json").read_text(encoding="utf-8"))
     shutil.rmtree(results_folder_of(cls, dataset_name, NNUNET_PLANS, CONFIGURATION), ignore_errors=True)
     with engine_setting(AUGMENTATION_WORKERS, 0 if device.type == "cpu" else None):
         trainer = _quiet_call(cls, plans=plans, configuration=CONFIGURATION, fold=FOLD, dataset_json=dataset_json,
@@ -545,7 +545,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         )  # fmt: skip
         timings["nnunet_train_s"], timings["nnunet_predict_s"] = nn_train_s, nn_predict_s
 
-    labels = json.loads(dataset_json.read_text())["labels"]
+    labels = json.loads(dataset_json.read_text(encoding="utf-8"))["labels"]
     pictures = save_overlays(
         info.heldout_image, info.heldout_label, {r.name: r.segmentation for r in results.values()}, labels, out
     )

@@ -184,14 +184,14 @@ def _training_step(model: MedNeXt, batch: int, patch: Sequence[int], device: tor
 
 
 def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
+    with open("/proc/self/statm", encoding="ascii") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS mark (Linux >= 4.0), so imports before a step cannot hide its peak."""
     try:
-        with open("/proc/self/clear_refs", "w") as f:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
             f.write("5")
         return True
     except OSError:
@@ -200,7 +200,7 @@ def _reset_peak_rss() -> bool:
 
 def _peak_rss_bytes() -> int:
     try:
-        with open("/proc/self/status") as f:
+        with open("/proc/self/status", encoding="ascii") as f:
             for line in f:
                 if line.startswith("VmHWM:"):
                     return int(line.split()[1]) * 1024

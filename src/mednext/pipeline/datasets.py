@@ -166,7 +166,7 @@ def read_dataset_json(folder: str | os.PathLike) -> dict:
             f"labels, numTraining and file_ending"
         )
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise DatasetError(f"{path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from err
     if not isinstance(meta, dict):

@@ -112,7 +112,7 @@ class LabelSet:
     def from_dataset_json(cls, path: str | os.PathLike) -> LabelSet:
         path = Path(path)
         try:
-            content = json.loads(path.read_text())
+            content = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as err:
             raise ValueError(f"--labels {path}: cannot read it as JSON ({err})") from err
         labels = content.get("labels") if isinstance(content, dict) else None
@@ -430,7 +430,7 @@ def evaluate_folders(
         labels_path = Path(labels)
         if not labels_path.is_file():
             raise FileNotFoundError(f"--labels {labels_path} does not exist")
-        ending = json.loads(labels_path.read_text()).get("file_ending")
+        ending = json.loads(labels_path.read_text(encoding="utf-8")).get("file_ending")
         labels = LabelSet.from_dataset_json(labels_path)
     ending = ending or _detect_ending(pred_dir)
     predictions = _images(pred_dir, ending)

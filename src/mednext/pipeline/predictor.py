@@ -391,8 +391,8 @@ class MedNeXtPredictor(nnUNetPredictor):
         for required in ("plans.json", "dataset.json"):
             if not (folder / required).is_file():
                 raise FileNotFoundError(f"{folder / required} is missing; the results folder is incomplete")
-        plans = json.loads((folder / "plans.json").read_text())
-        dataset_json = json.loads((folder / "dataset.json").read_text())
+        plans = json.loads((folder / "plans.json").read_text(encoding="utf-8"))
+        dataset_json = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
         if isinstance(use_folds, (int, str)):
             use_folds = [use_folds]
         checkpoint = {name: key for key, name in CHECKPOINTS.items()}.get(checkpoint_name, checkpoint_name)
@@ -655,9 +655,9 @@ def predict(
     _check_tile_batch(tile_batch)
     use_workdir(workdir)
     trained = resolve_trained_model(dataset, configuration, model, kernel, plans)
-    dataset_json = json.loads((trained.folder / "dataset.json").read_text())
+    dataset_json = json.loads((trained.folder / "dataset.json").read_text(encoding="utf-8"))
     if crop_body:
-        check_ct_for_body_crop(json.loads((trained.folder / "plans.json").read_text()), trained.configuration)
+        check_ct_for_body_crop(json.loads((trained.folder / "plans.json").read_text(encoding="utf-8")), trained.configuration)
     ending = dataset_json["file_ending"]
     num_channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {})))
     output = Path(output)
