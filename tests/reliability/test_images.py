@@ -205,3 +205,19 @@ def test_regular_volume_keeps_read_slices_and_interpolates_the_gap(tmp_path: Pat
     kept = [i for i in range(16) if i != 7]
     np.testing.assert_array_equal(resampled[kept], original[kept])
     np.testing.assert_allclose(resampled[7], np.rint((original[6] + original[8]) / 2), atol=0.5)
+
+
+def test_cut_off_reference_is_refused_at_evaluate(tmp_path: Path, capsys) -> None:
+    pred, ref = tmp_path / "pred", tmp_path / "ref"
+    pred.mkdir()
+    ref.mkdir()
+    label = np.zeros((8, 16, 16), np.uint8)
+    label[2:6, 4:12, 4:12] = 1
+    for folder in (pred, ref):
+        write_image(folder / "c1.nii.gz", label, (1, 1, 2))
+    _truncate(ref / "c1.nii.gz", 0.7)
+    capsys.readouterr()
+    assert main(["evaluate", str(pred), str(ref), "-o", str(tmp_path / "m.json")]) == 2
+    err = capsys.readouterr().err
+    assert str(ref / "c1.nii.gz") in err and "cut off" in err
+    assert not (tmp_path / "m.json").exists()

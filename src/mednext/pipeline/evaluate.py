@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from mednext.files import atomic_write_json, atomic_write_text
+from mednext.pipeline.integrity import check_complete
 from mednext.pipeline.io import IMAGE_ENDINGS, image_ending
 
 DEFAULT_TOLERANCE_MM = 2.0
@@ -296,6 +297,7 @@ def _reader_for(ending: str, example: Path) -> Any:
 def _read(reader: Any, path: Path) -> tuple[np.ndarray, dict]:
     import contextlib
 
+    check_complete(path)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             seg, properties = reader.read_seg(str(path))

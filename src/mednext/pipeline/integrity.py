@@ -85,7 +85,12 @@ def _nifti(path: Path) -> None:
     try:
         with opener(path, "rb") as fh:
             head = fh.read(540)
-    except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as err:
+    except EOFError:
+        raise ImageReadError(
+            f"{path}: the file is cut off inside its NIfTI header; it was not copied or written completely: copy "
+            "or export it again"
+        ) from None
+    except (gzip.BadGzipFile, zlib.error, OSError) as err:
         raise ImageReadError(
             f"{path}: the NIfTI header cannot be read ({err}); copy or export the file again"
         ) from None

@@ -657,7 +657,9 @@ def predict(
     trained = resolve_trained_model(dataset, configuration, model, kernel, plans)
     dataset_json = json.loads((trained.folder / "dataset.json").read_text(encoding="utf-8"))
     if crop_body:
-        check_ct_for_body_crop(json.loads((trained.folder / "plans.json").read_text(encoding="utf-8")), trained.configuration)
+        check_ct_for_body_crop(
+            json.loads((trained.folder / "plans.json").read_text(encoding="utf-8")), trained.configuration
+        )
     ending = dataset_json["file_ending"]
     num_channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {})))
     output = Path(output)
