@@ -80,7 +80,9 @@ def test_gzip_with_bad_checksum_is_refused(tmp_path: Path, capsys) -> None:
     assert code == 2 and str(victim) in err and "checksum" in err
 
 
-@pytest.mark.parametrize("ending,value", [(".nii.gz", np.nan), (".mha", np.nan), (".nii.gz", np.inf)])
+@pytest.mark.parametrize(
+    "ending,value", [(".nii.gz", np.nan), (".mha", np.nan), (".nrrd", np.nan), (".nii.gz", np.inf), (".nii", -np.inf)]
+)
 def test_non_finite_voxels_are_refused_at_plan(tmp_path: Path, capsys, ending: str, value: float) -> None:
     src = _dataset(tmp_path, ending)
     victim = src / "imagesTr" / f"case_003_0000{ending}"

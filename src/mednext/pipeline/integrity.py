@@ -287,7 +287,7 @@ def check_file_finite(path: str | os.PathLike[str], action: str, array: np.ndarr
             return  # not a SimpleITK format: the engine's reader reads it
         if "float" not in sitk.GetPixelIDValueAsString(reader.GetPixelID()):
             return
-        array = sitk.GetArrayViewFromImage(reader.Execute())
+        array = sitk.GetArrayFromImage(reader.Execute())
     check_finite(array, p, action)
 
 
