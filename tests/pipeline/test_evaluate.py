@@ -118,7 +118,8 @@ def test_folder_evaluation_cli_json_csv_and_table(tmp_path, capsys):
     labels = tmp_path / "dataset.json"
     labels.write_text(json.dumps({"labels": {"background": 0, "liver": 1, "spleen": 2}, "file_ending": ".nii.gz"}))
     out = tmp_path / "res" / "metrics.json"
-    code = main(["evaluate", str(pred_dir), str(ref_dir), "--labels", str(labels), "--tolerance", "1", "-o", str(out)])
+    code = main(["evaluate", str(pred_dir), str(ref_dir), "--labels", str(labels), "--tolerance", "1", "-o", str(out),
+                 "--chill"])  # fmt: skip
     assert code == 0
     printed = capsys.readouterr().out
     assert "liver" in printed and "case3" in printed and "1 mm" in printed
@@ -143,9 +144,26 @@ def test_folder_evaluation_cli_json_csv_and_table(tmp_path, capsys):
     assert by_key[("case2", "spleen")]["dice"] == ""
     assert float(by_key[("mean", "liver")]["dice"]) == pytest.approx(0.875, abs=1e-6)
 
-    # --strict turns the missing case into an error
-    assert main(["evaluate", str(pred_dir), str(ref_dir), "--strict", "-o", str(out)]) == 2
-    assert "case3" in capsys.readouterr().err
+    # nnU-Net's summary.json beside it, from the engine's own evaluation
+    summary = json.loads((out.parent / "summary.json").read_text())
+    assert summary["mean"]["1"]["Dice"] == pytest.approx(0.875)
+    assert summary["mean"]["2"]["Dice"] == pytest.approx(1.0)
+    assert summary["foreground_mean"]["Dice"] == pytest.approx(0.9375)
+    assert [c["prediction_file"].rsplit("/", 1)[1] for c in summary["metric_per_case"]] == [
+        "case1.nii.gz",
+        "case2.nii.gz",
+    ]
+
+    # nnU-Net's order (--gt, --pred) gives the same; a missing prediction is an error unless --chill
+    again = tmp_path / "again" / "metrics.json"
+    assert main(["evaluate", "--gt", str(ref_dir), "--pred", str(pred_dir), "-djfile", str(labels), "--tolerance", "1",
+                 "-o", str(again), "--chill"]) == 0  # fmt: skip
+    assert json.loads(again.read_text())["mean"] == result["mean"]
+    capsys.readouterr()
+    assert main(["evaluate", str(pred_dir), str(ref_dir), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "case3" in err and "--chill" in err
+    assert main(["evaluate", str(pred_dir), str(ref_dir), "--gt", str(ref_dir)]) == 2  # a folder given twice
 
 
 def test_default_labels_from_values_and_prediction_folder(tmp_path):

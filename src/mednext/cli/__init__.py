@@ -17,7 +17,10 @@ from mednext.errors import UserError
 from mednext.version import __version__
 
 # Order shown in --help.
-COMMANDS = ["plan", "train", "predict", "evaluate", "upkern", "export", "summary", "demo", "benchmark"]
+COMMANDS = [
+    "plan", "train", "predict", "evaluate", "find_best", "ensemble", "postprocess", "env",
+    "upkern", "export", "summary", "demo", "benchmark",
+]  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -38,6 +38,8 @@ def run(args: argparse.Namespace) -> int:
     from mednext.pipeline.workdir import use_workdir
 
     dirs = use_workdir(args.workdir)
+    if dirs.describe():
+        print(dirs.describe())
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     start = time.perf_counter()
     plans = plan(PlanSettings(args.dataset, args.recipe, configs, args.memory_gb, args.num_processes))

@@ -15,6 +15,7 @@ in JSON) and is left out of the means; absent from only one of them it scores 0.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -27,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from mednext.files import atomic_write_json, atomic_write_text
+from mednext.files import atomic_write, atomic_write_json, atomic_write_text
 from mednext.pipeline.integrity import check_complete
 from mednext.pipeline.io import IMAGE_ENDINGS, image_ending
 
@@ -450,9 +451,8 @@ def evaluate_folders(
     missing = sorted(set(references) - set(predictions))
     if missing and strict:
         raise ValueError(
-            f"--strict: {len(missing)} reference case(s) in {ref_dir} have no prediction in {pred_dir}: "
-            + ", ".join(missing[:20])
-            + (" ..." if len(missing) > 20 else "")
+            f"{len(missing)} reference case(s) in {ref_dir} have no prediction in {pred_dir} (pass --chill to "
+            "evaluate the predictions there are): " + ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else "")
         )
     reader = _reader_for(ending, next(iter(predictions.values())))
     cases = []
@@ -462,6 +462,23 @@ def evaluate_folders(
             progress(cases[-1])
     label_set = labels if isinstance(labels, LabelSet) else _inferred_labels(cases)
     return Evaluation(str(pred_dir), str(ref_dir), ending, float(tolerance_mm), label_set, cases, missing)
+
+
+def write_engine_summary(evaluation: Evaluation, path: str | os.PathLike, num_processes: int = 1) -> Path:
+    """Write nnU-Net's ``summary.json`` for the predictions of ``evaluation``, computed by the engine's
+    own evaluation (``compute_metrics_on_folder``), which ``find_best_configuration`` and nnU-Net's
+    tools read: its Dice, IoU and voxel counts per case and class or region. Returns ``path``."""
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder, save_summary_json
+
+    predictions = _images(Path(evaluation.prediction_folder), evaluation.file_ending)
+    regions_or_labels = [v[0] if len(v) == 1 else tuple(v) for v in evaluation.labels.classes.values()]
+    reader = _reader_for(evaluation.file_ending, next(iter(predictions.values())))
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = compute_metrics_on_folder(
+            evaluation.reference_folder, evaluation.prediction_folder, None, reader, evaluation.file_ending,
+            regions_or_labels, evaluation.labels.ignore, max(1, num_processes), chill=True,
+        )  # fmt: skip
+    return atomic_write(path, lambda tmp: save_summary_json(result, str(tmp)))
 
 
 def _inferred_labels(cases: Iterable[CaseResult]) -> LabelSet:

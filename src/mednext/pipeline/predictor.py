@@ -653,7 +653,9 @@ def predict(
     slices onto a regular grid instead of refusing it (:func:`mednext.pipeline.io.cases_from_dicom`).
     """
     _check_tile_batch(tile_batch)
-    use_workdir(workdir)
+    dirs = use_workdir(workdir)
+    if dirs.describe():
+        log(dirs.describe())
     trained = resolve_trained_model(dataset, configuration, model, kernel, plans)
     dataset_json = json.loads((trained.folder / "dataset.json").read_text(encoding="utf-8"))
     if crop_body:

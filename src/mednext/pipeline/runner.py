@@ -132,6 +132,11 @@ class TrainSettings:
         trainer_class: the trainer to use (None: :func:`get_trainer_class` of preset and kernel).
         prepare_trainer: called with the new trainer before it is initialised, to set attributes the
             settings above do not cover.
+        save_probabilities: the final validation also writes each case's probabilities
+            (``validation/<case>.npz``), which ``find_best_configuration`` needs to ensemble.
+        validation_only: do not train; validate the fold's trained network (nnU-Net's ``--val``).
+        validation_checkpoint: ``"final"`` or ``"best"`` (nnU-Net's ``--val_best``): the weights
+            the validation uses.
     """
 
     dataset: str | int
@@ -154,6 +159,9 @@ class TrainSettings:
     context_slices: int = 0
     trainer_class: type[MedNeXtTrainer] | None = None
     prepare_trainer: Callable[[MedNeXtTrainer], None] | None = None
+    save_probabilities: bool = False
+    validation_only: bool = False
+    validation_checkpoint: str = "final"
 
 
 def find_plans(dataset_name: str, recipe: str | None = None) -> str:
@@ -187,14 +195,28 @@ def results_folder_of(trainer_class: type, dataset_name: str, plans_id: str, con
     return results_folder() / dataset_name / f"{trainer_class.__name__}__{plans_id}__{configuration}"
 
 
+def fold_folder(settings: TrainSettings) -> Path:
+    """``<results>/<dataset>/<trainer>__<plans>__<configuration>/fold_<f>`` of ``settings``."""
+    name = resolve_dataset(settings.dataset)
+    cls = settings.trainer_class or get_trainer_class(str(settings.preset).upper(), int(settings.kernel))
+    return results_folder_of(cls, name, find_plans(name, settings.recipe), settings.configuration) / (
+        f"fold_{parse_fold(settings.fold)}"
+    )
+
+
 def train(settings: TrainSettings) -> MedNeXtTrainer:
-    """Train one fold (the working folders must be set, see ``use_workdir``) and return the trainer.
+    """Train one fold (the working folders must be set, see ``use_workdir``) and return the trainer;
+    with ``settings.validation_only``, validate the trained fold instead.
 
     Results go to ``<results>/<dataset>/<trainer>__<plans>__<configuration>/fold_<f>/``."""
     name = resolve_dataset(settings.dataset)
     fold = parse_fold(settings.fold)
     cls = settings.trainer_class or get_trainer_class(str(settings.preset).upper(), int(settings.kernel))
     device = resolve_device(settings.device)
+    if settings.validation_checkpoint not in ("final", "best"):
+        raise ValueError(f"validation_checkpoint {settings.validation_checkpoint!r}: use 'final' or 'best'")
+    if settings.validation_only and (settings.resume or settings.pretrained or settings.upkern_from):
+        raise ValueError("--val validates a finished training; drop --resume/--pretrained/--upkern-from")
     if settings.pretrained and settings.upkern_from:
         raise ValueError("--pretrained and --upkern-from both initialise the weights; pass one of them")
     if settings.resume and (settings.pretrained or settings.upkern_from):
@@ -236,11 +258,30 @@ def train(settings: TrainSettings) -> MedNeXtTrainer:
             check_splits(name, cases)
         with engine_setting(AUGMENTATION_WORKERS, workers):
             trainer = cls(plans=plans, configuration=configuration, fold=fold, dataset_json=dataset_json, device=device)
+            if settings.validation_only:
+                _validate(trainer, settings, fold_folder)
+                return trainer
             _start(trainer, settings)
             trainer.run_training()
             if settings.validate:
-                trainer.perform_actual_validation(save_probabilities=False)
+                if settings.validation_checkpoint == "best":
+                    trainer.load_checkpoint(str(fold_folder / "checkpoint_best.pth"))
+                trainer.perform_actual_validation(save_probabilities=settings.save_probabilities)
     return trainer
+
+
+def _validate(trainer: MedNeXtTrainer, settings: TrainSettings, folder: Path) -> None:
+    """The engine's validation of a trained fold with its final (or best) checkpoint."""
+    checkpoint = folder / f"checkpoint_{settings.validation_checkpoint}.pth"
+    if not checkpoint.is_file():
+        have = ", ".join(sorted(p.name for p in folder.glob("checkpoint_*.pth"))) or "no checkpoints"
+        raise FileNotFoundError(
+            f"{checkpoint} not found ({folder} holds {have}); --val validates a finished training: train the "
+            "fold first" + ("" if settings.validation_checkpoint == "best" else ", or pass --val-best")
+        )
+    trainer.configure_run(show_progress=settings.show_progress, context_slices=settings.context_slices or None)
+    trainer.load_checkpoint(str(checkpoint))
+    trainer.perform_actual_validation(save_probabilities=settings.save_probabilities)
 
 
 def _start(trainer: MedNeXtTrainer, settings: TrainSettings) -> None:

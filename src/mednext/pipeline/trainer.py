@@ -640,8 +640,24 @@ TRAINERS: dict[str, type[MedNeXtTrainer]] = {
 
 
 def get_trainer_class(preset: str, kernel: int) -> type[MedNeXtTrainer]:
-    """The trainer class of a preset (S, B, M, L) and kernel size (3, 5)."""
+    """The trainer class of a preset (S, B, M, L) and an odd kernel size: the written-out class for
+    kernels 3 and 5, else one made on first use with the same recipe and the name nnU-Net expects
+    (``MedNeXtTrainer_Sk7``), registered in :data:`TRAINERS` so that the engine finds it by name."""
     name = trainer_class_name(preset, kernel)
-    if name not in TRAINERS:
-        raise ValueError(f"no trainer for model {preset!r} kernel {kernel!r}; use --model S|B|M|L and --kernel 3|5")
-    return TRAINERS[name]
+    if name in TRAINERS:
+        return TRAINERS[name]
+    if str(preset).upper() not in ("S", "B", "M", "L") or int(kernel) < 1 or int(kernel) % 2 == 0:
+        raise ValueError(
+            f"no trainer for model {preset!r} kernel {kernel!r}; use --model S|B|M|L and an odd --kernel (3, 5, 7, ...)"
+        )
+
+    class OtherKernelTrainer(MedNeXtTrainer):
+        __doc__ = f"MedNeXt {str(preset).upper()}, kernel {int(kernel)}, reference recipe."
+        # nnU-Net finds trainers by class name, and names results folders after it
+        __qualname__ = name
+
+    OtherKernelTrainer.__name__ = name
+    OtherKernelTrainer.preset = str(preset).upper()
+    OtherKernelTrainer.kernel_size = int(kernel)
+    TRAINERS[name] = OtherKernelTrainer
+    return OtherKernelTrainer

@@ -1,8 +1,11 @@
 """The engine's environment: its three folders and its process settings, in one place.
 
-``--workdir`` (default ``./mednext_work``) holds nnU-Net v2's three folders. nnU-Net's own
-environment variables win when they are set; they are never required. nnunetv2 2.8.1 reads them
-lazily (``nnunetv2.paths._EnvPath``), so setting them here, before any engine call, is enough.
+``--workdir`` holds nnU-Net v2's three folders. Given, it wins over nnU-Net's own environment
+variables (:class:`WorkDirs` says which of the user's values it replaced); not given, those
+variables are used when set, else ``./mednext_work``. They are never required. nnunetv2 2.8 reads
+them lazily (``nnunetv2.paths._EnvPath``), so setting them here, before any engine call, is enough.
+The engine's trainer search (``nnUNet_extTrainer``) is pointed at MedNeXt's trainers as well
+(:mod:`mednext.pipeline.engine_trainers`), so that the engine's own code finds them by name.
 
 This module is the only one in mednext that reads or writes the engine's ``nnUNet_*`` variables;
 everything else asks the functions below.
@@ -13,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mednext.errors import DatasetError
@@ -27,27 +30,72 @@ DEFAULT_PROCESSES = "nnUNet_def_n_proc"  # processes for preprocessing
 COMPILE = "nnUNet_compile"  # torch.compile the network in the engine's trainer
 
 
+EXTERNAL_TRAINERS = "nnUNet_extTrainer"  # folders the engine searches for trainer classes by name
+TRAINER_FOLDER = Path(__file__).resolve().parent / "engine_trainers"
+
+
 @dataclass(frozen=True)
 class WorkDirs:
+    """The engine's three folders in use; ``replaced``: the user's ``nnUNet_*`` values that an
+    explicit ``--workdir`` replaced (variable -> the user's value)."""
+
     raw: Path
     preprocessed: Path
     results: Path
+    replaced: dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """One line for the user when ``--workdir`` replaced some of their variables, else ''."""
+        if not self.replaced:
+            return ""
+        named = ", ".join(f"{var}={value}" for var, value in self.replaced.items())
+        return (
+            f"using --workdir's folders ({self.raw.parent}); your environment's {named} "
+            f"{'is' if len(self.replaced) == 1 else 'are'} not used by this command"
+        )
 
 
 def use_workdir(workdir: str | os.PathLike | None = None) -> WorkDirs:
-    """Point the engine at ``workdir``'s subfolders (unless nnU-Net's variables are already set),
-    create them, and return the three folders in use."""
+    """Point the engine at ``workdir``'s subfolders, create them, and return the folders in use.
+
+    ``workdir`` given: its folders, whatever the environment says. None: nnU-Net's variables
+    where the user set them, else ``./mednext_work``'s folders. Either way the engine's trainer
+    search also looks in :data:`TRAINER_FOLDER`."""
     root = Path(workdir) if workdir is not None else DEFAULT_WORKDIR
-    folders = {}
+    folders: dict[str, Path] = {}
+    replaced = {}
     for key, var in _ENV.items():
         value = os.environ.get(var)
         user_set = bool(value) and _SET_HERE.get(var) != value
-        path = Path(value) if user_set else (root / var).absolute()
+        mine = (root / var).absolute()
+        use_users = user_set and workdir is None
+        path = Path(value) if use_users else mine
+        if user_set and not use_users and Path(value).absolute() != mine:
+            replaced[var] = value
         path.mkdir(parents=True, exist_ok=True)
-        if not user_set:
+        if not use_users:
             os.environ[var] = _SET_HERE[var] = str(path)
         folders[key] = path
-    return WorkDirs(**folders)
+    _add_trainer_folder()
+    return WorkDirs(**folders, replaced=replaced)
+
+
+def _add_trainer_folder() -> None:
+    present = [p for p in os.environ.get(EXTERNAL_TRAINERS, "").split(os.pathsep) if p]
+    if str(TRAINER_FOLDER) not in present:
+        os.environ[EXTERNAL_TRAINERS] = os.pathsep.join([*present, str(TRAINER_FOLDER)])
+
+
+def engine_environment(workdir: str | os.PathLike | None = None) -> dict[str, str]:
+    """The variables with which nnU-Net's own ``nnUNetv2_*`` commands use the same folders as
+    ``mednext ... --workdir workdir`` and find MedNeXt's trainers (``mednext env`` prints them)."""
+    dirs = use_workdir(workdir)
+    return {
+        "nnUNet_raw": str(dirs.raw),
+        "nnUNet_preprocessed": str(dirs.preprocessed),
+        "nnUNet_results": str(dirs.results),
+        EXTERNAL_TRAINERS: os.environ[EXTERNAL_TRAINERS],
+    }
 
 
 def _folder(key: str) -> Path:

@@ -1,0 +1,27 @@
+"""MedNeXt's trainers under their names, for nnU-Net's trainer search (``nnUNet_extTrainer``).
+
+The engine imports this module from its folder and asks it for a class by name; the classes are
+those of :mod:`mednext.pipeline.trainer` (the same objects, not copies), including those of other
+odd kernels (``MedNeXtTrainer_Sk7``), made on first use by ``get_trainer_class``.
+"""
+
+from __future__ import annotations
+
+import re
+
+from mednext.pipeline.trainer import TRAINERS, get_trainer_class
+
+_OTHER_KERNEL = re.compile(r"^MedNeXtTrainer_([SBML])k(\d+)$")
+
+
+def __getattr__(name: str) -> type:
+    if name in TRAINERS:
+        return TRAINERS[name]
+    match = _OTHER_KERNEL.match(name)
+    if match is not None and int(match.group(2)) % 2 == 1:
+        return get_trainer_class(match.group(1), int(match.group(2)))
+    raise AttributeError(name)
+
+
+def __dir__() -> list[str]:
+    return sorted(TRAINERS)
