@@ -256,3 +256,24 @@ def test_prediction_without_reference_and_empty_folder(tmp_path, capsys):
     assert main(["evaluate", str(pred_dir), str(ref_dir)]) == 2
     err = capsys.readouterr().err
     assert "x" in err and "no reference" in err
+
+
+def test_nsd_agrees_with_monai_compute_surface_dice():
+    monai_metrics = pytest.importorskip("monai.metrics")
+    import torch
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    for trial in range(8):
+        shape = (20, 24, 28) if trial % 2 else (30, 34)
+        pred, ref = (ndimage.gaussian_filter(rng.normal(size=shape), 2) > 0.1 for _ in range(2))
+        spacing = tuple(float(s) for s in rng.uniform(0.5, 2.5, len(shape)))
+        tolerance = float(rng.uniform(0.5, 4.0))
+
+        def one_hot(mask: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.stack([~mask, mask]))[None].float()
+
+        theirs = monai_metrics.compute_surface_dice(
+            one_hot(pred), one_hot(ref), [tolerance], include_background=False, spacing=list(spacing)
+        ).item()
+        assert normalized_surface_dice(pred, ref, spacing, tolerance) == pytest.approx(theirs, abs=1e-6), trial

@@ -250,12 +250,12 @@ def train(settings: TrainSettings) -> MedNeXtTrainer:
     with contextlib.ExitStack() as held:
         # a plan cannot rewrite the data under a training; one training per fold folder (rank 0 of a DDP run)
         held.enter_context(folder_lock(base, "mednext train", shared=True))
-        if not distributed or torch.distributed.get_rank() == 0:
-            held.enter_context(folder_lock(fold_folder, f"mednext train (fold {fold})"))
-            remove_stale_temporaries(fold_folder)
         cases = check_preprocessed(name, configuration, data_identifier)
         if fold != "all":
             check_splits(name, cases)
+        if not distributed or torch.distributed.get_rank() == 0:
+            held.enter_context(folder_lock(fold_folder, f"mednext train (fold {fold})"))
+            remove_stale_temporaries(fold_folder)
         with engine_setting(AUGMENTATION_WORKERS, workers):
             trainer = cls(plans=plans, configuration=configuration, fold=fold, dataset_json=dataset_json, device=device)
             if settings.validation_only:
