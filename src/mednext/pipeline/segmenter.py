@@ -112,11 +112,16 @@ class Segmenter:
         Args:
             dataset_or_folder: a results folder (``<trainer>__<plans>__<configuration>`` holding
                 ``plans.json``), or a dataset name or id trained in ``workdir``.
-            configuration, model, kernel, plans: which training of the dataset (None: the only one).
+            configuration: ``"3d_fullres"`` or ``"2d"`` (None: the only one trained).
             folds: the folds to ensemble (None: every fold holding ``checkpoint``).
             device: ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or None (CUDA, then MPS, then CPU).
+            model: the preset trained (``S``, ``B``, ``M``, ``L``; None: the only one).
+            kernel: the kernel size trained (None: the only one).
+            plans: the plans identifier trained with (None: the only one).
             checkpoint: ``"final"``, ``"best"`` or ``"latest"``.
-            tta, step_size, tile_batch: as ``mednext predict``'s ``--no-tta``, ``--step`` and ``--tile-batch``.
+            tta: mirroring test-time augmentation (``mednext predict --no-tta`` turns it off).
+            step_size: sliding-window step as a fraction of the patch (``--step``).
+            tile_batch: sliding-window tiles per network forward on the CPU (``--tile-batch``).
             workdir: the working folder of a dataset name or id (None: ``./mednext_work``; nnU-Net's
                 variables win when set).
         """
