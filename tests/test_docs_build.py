@@ -18,6 +18,13 @@ def test_mkdocs_builds_strict(tmp_path):
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     api = (site / "api" / "index.html").read_text(encoding="utf-8")
-    for name in ("create_mednext", "load_pretrained", "Segmenter", "from_results", "PredictSettings", "deployment_info"):
+    for name in (
+        "create_mednext",
+        "load_pretrained",
+        "Segmenter",
+        "from_results",
+        "PredictSettings",
+        "deployment_info",
+    ):
         assert name in api, f"the API reference lacks {name}"
     assert (site / "guide" / "index.html").is_file() and (site / "deploy" / "index.html").is_file()
