@@ -118,6 +118,8 @@ def test_segmenter_errors_name_the_fix(workdir, tmp_path):
         segmenter([sitk.GetImageFromArray(volume)] * 2, spacing=(1, 1, 1))
     with pytest.raises(SegmenterInputError, match=r"cannot segment a builtins.str"):
         segmenter("scan.nii.gz")
+    with pytest.raises(ValueError, match=r"crop"):
+        segmenter(np.stack([volume, volume]), spacing=(2.0, 1.0, 1.0), crop_body=True)  # channels ch0/ch1: not CT
     labels = segmenter(torch.from_numpy(np.stack([volume, volume + 1])), spacing=(2.0, 1.0, 1.0))
     assert labels.shape == (8, 16, 16)
     assert set(np.unique(labels).tolist()) <= {0, 1, 2}

@@ -31,6 +31,7 @@ import SimpleITK as sitk
 import torch
 
 from mednext.errors import UserError
+from mednext.pipeline.body import check_ct_for_body_crop
 from mednext.pipeline.io import InputCase
 from mednext.pipeline.predictor import (
     CHECKPOINTS,
@@ -164,6 +165,8 @@ class Segmenter:
         ``spacing`` (numpy input only): voxel spacing in the array's axis order (mm).
         ``crop_body`` (CT only): predict inside the box around the patient's body, as ``mednext predict --crop-body``.
         """
+        if crop_body:
+            check_ct_for_body_crop(self.predictor.plans_manager.plans, self.folder.name.rpartition("__")[2])
         workspace = Path(tempfile.mkdtemp(prefix="mednext-segmenter-"))
         try:
             files, restore = self._write_input(image, spacing, workspace)
