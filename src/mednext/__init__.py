@@ -2,7 +2,7 @@
 
 ``import mednext`` loads the network layer only (torch). :class:`Segmenter`, a trained model for
 notebooks (:mod:`mednext.pipeline.segmenter`), is imported on first use of ``mednext.Segmenter``,
-as it needs the pipeline's dependencies (``pip install "mednext[pipeline]"``).
+as it needs the pipeline's dependencies (the ``pipeline`` extra: ``pip install ".[pipeline]"`` in a checkout).
 """
 
 from typing import Any
@@ -20,7 +20,7 @@ def __getattr__(name: str) -> Any:
         except ModuleNotFoundError as err:
             raise ImportError(
                 f"mednext.Segmenter needs the pipeline's dependencies ({err.name} is missing): "
-                'pip install "mednext[pipeline]"'
+                'install the "pipeline" extra (pip install ".[pipeline]" in a checkout of mednext)'
             ) from err
         return Segmenter
     raise AttributeError(f"module 'mednext' has no attribute {name!r}")

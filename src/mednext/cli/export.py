@@ -102,7 +102,7 @@ def _results_folder(args: argparse.Namespace) -> Path | None:
         if args.results_folder is not None:
             raise UserError(
                 f"--results-folder needs the pipeline's dependencies ({err.name} is missing): "
-                'pip install "mednext[pipeline]"'
+                'install the "pipeline" extra (pip install ".[pipeline]" in a checkout of mednext)'
             ) from err
         return None
     if args.results_folder is not None:
