@@ -48,7 +48,7 @@ def rank(module: str) -> float:
     if module in BASE:
         return 0
     if module == "mednext":
-        return 1.5  # the package re-exports the network layer's API
+        return 2.5  # the package re-exports the network layer's API and, lazily, the pipeline's Segmenter
     if module == "mednext.__main__":
         return 6
     return LAYERS[module.split(".")[1]]

@@ -208,15 +208,15 @@ def test_regions_and_ignore_label(tmp_path):
 
 
 def test_png_evaluation(tmp_path):
-    from skimage import io as skio
+    from PIL import Image
 
     pred_dir, ref_dir = tmp_path / "pred", tmp_path / "ref"
     pred_dir.mkdir()
     ref_dir.mkdir()
     ref = np.zeros((10, 10), np.uint8)
     ref[3:7, 3:7] = 1
-    skio.imsave(ref_dir / "s.png", ref, check_contrast=False)
-    skio.imsave(pred_dir / "s.png", np.roll(ref, 1, axis=1), check_contrast=False)
+    Image.fromarray(ref).save(ref_dir / "s.png")
+    Image.fromarray(np.roll(ref, 1, axis=1)).save(pred_dir / "s.png")
     result = evaluate_folders(pred_dir, ref_dir, tolerance_mm=0.5)
     assert result.cases[0].metrics["label_1"]["nsd"] == pytest.approx(0.5)
     assert result.cases[0].metrics["label_1"]["dice"] == pytest.approx(0.75)

@@ -4,7 +4,8 @@ Both exports run the network in eval mode (one full-resolution output, no deep-s
 heads). Spatial sizes must be multiples of the network's total stride (16 per axis for the
 paper's 4 stages); the exported graphs do not check this, so pad the input as the PyTorch
 model would require. The model's config travels with the file: ONNX metadata property
-``mednext_config``, TorchScript extra file ``mednext_config.json``.
+``mednext_config``, TorchScript extra file ``mednext_config.json``. ``metadata`` adds more
+entries (key to JSON text) the same way, e.g. the pipeline's ``mednext_deployment``.
 """
 
 from __future__ import annotations
@@ -54,9 +55,12 @@ def _axis_names(spatial_dims: int) -> list[str]:
     return ["depth", "height", "width"][3 - spatial_dims :]
 
 
-def export_onnx(model: nn.Module, path: str | os.PathLike[str], *, opset: int = 17) -> Path:
+def export_onnx(
+    model: nn.Module, path: str | os.PathLike[str], *, opset: int = 17, metadata: dict[str, str] | None = None
+) -> Path:
     """Write ``model`` as an ONNX file with input ``image`` and output ``logits``, both with
-    dynamic batch and spatial axes. Written atomically (temporary file, then moved into place)."""
+    dynamic batch and spatial axes, and ``metadata`` (key to text) as ONNX metadata properties.
+    Written atomically (temporary file, then moved into place)."""
     try:
         import onnx
     except ImportError as err:  # pragma: no cover - depends on the environment
@@ -77,7 +81,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], *, opset: int = 
                 opset_version=opset,
             )
         proto = onnx.load(str(tmp))
-        for key, value in _metadata(model).items():
+        for key, value in _metadata(model, metadata).items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, value
         onnx.checker.check_model(proto)
@@ -86,29 +90,38 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], *, opset: int = 
     return atomic_write(path, write)
 
 
-def export_torchscript(model: nn.Module, path: str | os.PathLike[str]) -> Path:
+def export_torchscript(
+    model: nn.Module, path: str | os.PathLike[str], *, metadata: dict[str, str] | None = None
+) -> Path:
     """Write ``model`` as a traced TorchScript file (``torch.jit.load`` runs it without mednext).
 
     The traced graph has no shape-dependent branches, so it accepts any batch size and any
-    spatial size that is a multiple of the total stride. Written atomically."""
+    spatial size that is a multiple of the total stride. ``metadata`` entries become extra files
+    ``<key>.json``. Written atomically."""
 
     def write(tmp: Path) -> None:
         with _eval_mode(model), torch.no_grad():
             traced = torch.jit.trace(model, (example_input(model),), check_trace=False)
-            extra = {"mednext_config.json": _metadata(model)["mednext_config"]}
+            entries = _metadata(model, metadata)
+            extra = {f"{key}.json": value for key, value in entries.items() if key != "total_stride"}
             torch.jit.save(traced, str(tmp), _extra_files=extra)
 
     return atomic_write(path, write)
 
 
-def _metadata(model: nn.Module) -> dict[str, str]:
+def _metadata(model: nn.Module, extra: dict[str, str] | None = None) -> dict[str, str]:
     config = getattr(model, "config", None)
     if not isinstance(config, dict):
         raise TypeError(f"export needs a mednext MedNeXt model, got {type(model).__name__}")
-    return {
+    entries = {
         "mednext_config": json.dumps(config, sort_keys=True),
         "total_stride": json.dumps(list(model.total_stride)),  # type: ignore[attr-defined]
     }
+    for key, value in (extra or {}).items():
+        if key in entries or not isinstance(value, str):
+            raise ValueError(f"export metadata {key!r}: give a new key with a text value")
+        entries[key] = value
+    return entries
 
 
 def export_model(model: nn.Module, path: str | os.PathLike[str], fmt: str, **kwargs: Any) -> Path:

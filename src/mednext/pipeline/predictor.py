@@ -283,6 +283,26 @@ def _match_heads(network: MedNeXt, state_dict: dict[str, torch.Tensor]) -> MedNe
     return network
 
 
+def network_from_results_folder(folder: str | os.PathLike, state_dict: dict[str, torch.Tensor]) -> MedNeXt:
+    """The network that ``folder``'s plans describe (``<trainer>__<plans>__<configuration>``), holding
+    ``state_dict``, in eval mode. The plans, not the weights, fix what weights cannot show (strides)."""
+    folder = Path(folder)
+    parts = folder.name.split("__")
+    if len(parts) != 3:
+        raise ValueError(f"{folder} is not a results folder named <trainer>__<plans>__<configuration>")
+    plans = json.loads((folder / "plans.json").read_text())
+    dataset_json = json.loads((folder / "dataset.json").read_text())
+    network = _match_heads(build_network(plans, parts[2], dataset_json), state_dict)
+    try:
+        network.load_state_dict(state_dict)
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"the weights do not fit the network that {folder / 'plans.json'} describes: "
+            f"{str(err).splitlines()[0]} ... (give the --results-folder they were trained in)"
+        ) from err
+    return network.eval()
+
+
 # ----------------------------------------------------------------------------- the predictor
 
 
