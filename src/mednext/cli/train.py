@@ -21,8 +21,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--config", default="3d_fullres", choices=("3d_fullres", "2d"), help="configuration (default 3d_fullres)"
     )
     p.add_argument("--fold", default="0", help="0-4 or all (default 0)")
-    p.add_argument("--model", default="S", type=str.upper, choices=("S", "B", "M", "L"), help="preset (default S)")
-    p.add_argument("--kernel", default=3, type=int, choices=(3, 5), help="depthwise kernel size (default 3)")
+    p.add_argument(
+        "--model",
+        default="S",
+        type=str.upper,
+        choices=("S", "B", "M", "L", "V2-BASE", "V2-WIDE"),
+        help="preset: S, B, M, L or MedNeXt-v2's v2-base, v2-wide (default S)",
+    )
+    p.add_argument(
+        "--kernel", default=3, type=int, choices=(3, 5), help="depthwise kernel size (default 3; v2 presets: 3)"
+    )
     p.add_argument(
         "--recipe", choices=("auto", "paper"), default=None, help="which plans to use (default: auto if planned)"
     )
@@ -34,6 +42,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-iters", type=int, default=None, help="validation iterations per epoch (default 50)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from checkpoint_latest.pth")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast on CUDA instead of float16 + grad scaling")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the network (CUDA; on the CPU it is slower, see docs/benchmarks.md, and is skipped "
+        "with a note); nnUNet_compile=1 asks the same",
+    )
     p.add_argument(
         "--num-workers",
         type=int,
@@ -71,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         val_iters=args.val_iters,
         resume=args.resume,
         bf16=args.bf16,
+        compile=args.compile,
         num_workers=args.num_workers,
         recipe=args.recipe,
         validate=not args.no_val,
