@@ -194,8 +194,10 @@ class MedNeXtBlock(nn.Module):
         # The compression conv is inside the recomputed function, else it would store its R*C-channel
         # input; the recomputation stops once the saved tensors exist (non-reentrant early stop), before
         # the compression's own GEMM. No random ops here, so the RNG state need not be kept.
-        if y.untyped_storage().nbytes() > y.numel() * y.element_size():
-            y = y.clone()  # a view (of any kernel's depthwise output) would keep its larger source alive
+        # A view (of any kernel's depthwise output) would keep its larger source alive. Under torch.compile
+        # the compiler chooses what is saved, and a storage's size cannot be traced (a graph break).
+        if not torch.compiler.is_compiling() and y.untyped_storage().nbytes() > y.numel() * y.element_size():
+            y = y.clone()
         return checkpoint(self._expand_compress, y, use_reentrant=False, preserve_rng_state=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,70 @@
+"""torch.compile: the network compiles as one graph (``fullgraph=True``: any graph break is an error), in
+training and in eval, with the CPU fast path's custom autograd functions (depthwise convolutions, the fused
+branch) and GRN inside, and gives eager's outputs and gradients.
+
+Compiling is slow on a small CPU, so the models are tiny (one stage, one block per position) and the
+float64 comparisons use the ``aot_eager`` backend: Dynamo's capture and AOT autograd's joint forward and
+backward graph, which is where graph breaks and autograd-function problems show, without Inductor's C++
+code generation. One test runs Inductor itself (the default backend, what users get)."""
+
+import pytest
+import torch
+import torch._dynamo
+
+from mednext import MedNeXt
+from mednext.nn.kernels import fused
+
+V2_GRN = {"where": "all", "norm": "sum"}
+
+
+def _tiny(grn, checkpointing, dtype=torch.float64, block_counts=1) -> MedNeXt:
+    torch.manual_seed(0)
+    model = MedNeXt(
+        2, 3, width=8, strides=[2], block_counts=block_counts, kernel_sizes=3, deep_supervision=True, grn=grn,
+        grad_checkpointing=checkpointing,
+    ).to(dtype)  # fmt: skip
+    for p in model.parameters():  # GRN and the norms' affine parameters off their initial values
+        p.data.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+def _step(model, x):
+    model.zero_grad(set_to_none=True)
+    outs = model(x)
+    sum((o.square().mean() + o.mean()) * (i + 1) for i, o in enumerate(outs)).backward()
+    return [o.detach() for o in outs], [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("grn", "checkpointing"), [(False, "cheap"), (V2_GRN, True)], ids=["fused-cheap", "v2-grn-block"]
+)
+def test_compiled_training_step_equals_eager_float64(grn, checkpointing, monkeypatch):
+    calls = []
+    original = fused.norm_expand_compress
+    monkeypatch.setattr(fused, "norm_expand_compress", lambda *a, **k: calls.append(1) or original(*a, **k))
+    model = _tiny(grn, checkpointing).train()
+    x = torch.randn(2, 2, 8, 12, 8, dtype=torch.float64)
+    eager = _step(model, x)
+    assert bool(calls) == (not grn)  # the fused branch ran (v1 blocks) or GRN kept every block unfused
+    torch._dynamo.reset()
+    compiled = _step(torch.compile(model, fullgraph=True, backend="aot_eager"), x)
+    for a, b in zip(compiled[0], eager[0], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    scale = max(g.abs().max().item() for g in eager[1])
+    for a, b in zip(compiled[1], eager[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11 * scale)
+
+
+@pytest.mark.slow
+def test_inductor_compiles_the_fast_path_in_eval_float32():
+    """Inductor's code (C++ on the CPU) for the eval forward, fused branch included, against eager in
+    float32: Inductor reorders sums, so float32 rounding relative to the output's scale."""
+    model = _tiny(False, False, torch.float32, block_counts=[0, 1, 0]).eval()  # three fused blocks: down, 1, up
+    x = torch.randn(1, 2, 8, 16, 8)
+    with torch.no_grad():
+        eager = model(x)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True)(x)
+    assert compiled.shape == eager.shape == (1, 3, 8, 16, 8)
+    assert ((compiled - eager).abs().max() / eager.abs().max()).item() < 1e-5
