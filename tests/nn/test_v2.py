@@ -185,3 +185,29 @@ def test_v2_float32_fast_path_close_to_float64():
         model.float().set_fast_path(True)
         fast = model(x.float())
     assert ((fast.double() - reference).abs().max() / reference.abs().max()).item() < 1e-5
+
+
+def test_v2_weights_round_trip_through_our_format_and_monai_names(tmp_path):
+    from mednext.nn import load_pretrained, save_checkpoint, to_monai
+    from mednext.nn.weights.layouts import MONAI_KEYS, rename_keys
+
+    model = _perturbed_v2(6, strides=[2, 2], kernel_sizes=3, block_counts=1).float().eval()
+    x = torch.randn(1, 2, 8, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+    save_checkpoint(model, tmp_path / "v2.safetensors")
+    ours = load_pretrained(tmp_path / "v2.safetensors")
+    monai_named, origins, unplaced = rename_keys(model.state_dict(), MONAI_KEYS, 2, to_ours=False)
+    assert (
+        not unplaced
+        and "down_blocks.0.global_resp_gamma" in monai_named
+        and "out_blocks.0.conv_out.weight" in monai_named
+    )
+    assert origins["up_blocks.0.conv1.weight"] == "up_1.conv1.weight"  # MONAI counts up blocks from the deepest
+    named = load_pretrained(monai_named)
+    assert named.load_report.layout == "monai" and named.config["grn"] == V2_GRN  # GRN in down_0: v2
+    for loaded in (ours, named):
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="down_0.grn_gamma is not zero.*summed norm"):
+        to_monai(model)  # MONAI's network has no GRN in down blocks and normalises by the mean
