@@ -160,7 +160,14 @@ def test_v2_fast_path_equals_plain_path_float64(checkpointing, monkeypatch):
     model.set_grad_checkpointing(checkpointing)
     x = torch.randn(2, 2, 8, 12, 8, dtype=torch.float64)
     reference = _outputs_and_grads(model, x, fast=False)
+    from mednext.nn.layers import is_channels_last
+
+    layouts = []
+    for block in model.modules():
+        if isinstance(block, MedNeXtBlock):  # GRN's output, the compression's input, stays channels-last
+            block.conv3.register_forward_pre_hook(lambda m, args: layouts.append(is_channels_last(args[0])))
     _assert_equal(_outputs_and_grads(model, x, fast=True), reference)
+    assert len(layouts) == (7 + 2 + 2) * (2 if checkpointing else 1) and all(layouts)  # recomputed: twice
     assert calls == []
     assert any(name.startswith("down_0.grn") for name in reference[1])
 

@@ -86,7 +86,9 @@ def global_response_norm(
         scale = gx.sum(dim=1, keepdim=True)
     else:
         raise ValueError(f"GRN normalisation {normalisation!r} is not supported; use 'mean' or 'sum'")
-    return gamma * (x * (gx / (scale + 1e-6))) + beta + x
+    # gamma * (x * nx) + beta + x as x * (1 + gamma * nx) + beta: the per-channel factor is small, so one
+    # full-size product is built (and saved for the backward pass) instead of two
+    return torch.addcmul(beta, x, 1 + gamma * (gx / (scale + 1e-6)))
 
 
 class GlobalResponseNorm(nn.Module):
