@@ -52,6 +52,16 @@ def test_v2_presets_follow_the_paper():
             assert block.grn and block.grn_normalisation == "sum", name
 
 
+def test_v2_presets_are_recognised_in_saved_configs():
+    from mednext.nn.weights.checkpoint import detect_preset
+
+    with torch.device("meta"):
+        for preset in INDEPENDENT_COUNTS:
+            model = create_mednext(preset, 2, 5, deep_supervision=True)
+            assert detect_preset(model.config) == preset.upper()
+        assert detect_preset(create_mednext("L", 1, 3).config) == "L"  # L differs from v2-base by GRN only
+
+
 def test_v2_fresh_grn_parameters_are_zero():
     model = MedNeXt(1, 2, width=4, strides=[2, 2], grn=V2_GRN)
     grn = [p for name, p in model.named_parameters() if "grn" in name]
