@@ -1,10 +1,14 @@
 """torch.compile against eager, ours against MONAI's MedNeXt, same weights, in one process.
 
-Four variants per network: eager and ``torch.compile``d (default backend, Inductor), for a training
+Two variants per network, eager and ``torch.compile``d (default backend, Inductor), for a training
 step (forward + deep-supervision CE + backward + AdamW) and an inference forward (eval, no_grad). The
 first call of a compiled variant (compilation) is timed on its own; then the variants are timed in
 interleaved rounds and the medians are reported, as ratios against MONAI eager. Before timing, each
 compiled network's eval output and first training loss are compared with its eager twin.
+
+Networks (``--networks``): ``monai`` (MONAI's MedNeXt as shipped), ``ours`` (the default fast path)
+and ``ours_unfused`` (ours with the CPU fused branch switched off, ``mednext.config``'s
+``fused_blocks``, for every call: compiled, Inductor then sees norm, GELU and the GEMMs as separate ops).
 
     python benchmarks/compile_steps.py --model S --kernel 3 --patch 64 --batch 1 --repeats 3 --threads 2
 """
@@ -12,6 +16,7 @@ compiled network's eval output and first training loss are compared with its eag
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import statistics
@@ -20,6 +25,7 @@ import time
 
 import torch
 
+from mednext import config
 from mednext.bench.step import build_variants, machine_description
 from mednext.nn.summary import training_step
 
@@ -38,13 +44,15 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed rounds; medians are reported (default 3)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--networks", nargs="+", default=["monai", "ours"], choices=("monai", "ours", "ours_unfused"))
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
 
     nets = build_variants(args.model, args.kernel, 3, 1, args.classes)
-    base = {"monai": nets["monai"].to(dev), "ours": nets["ours"].to(dev)}
+    nets["ours_unfused"] = copy.deepcopy(nets["ours"])
+    base = {name: nets[name].to(dev) for name in args.networks}
     models = {}
     for name, net in base.items():
         models[name] = net
@@ -59,21 +67,25 @@ def main() -> int:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
-    def infer(model: torch.nn.Module) -> torch.Tensor:
-        model.eval()
-        with torch.no_grad():
-            return model(x)
+    def switches(name: str) -> contextlib.AbstractContextManager:
+        return config.override(fused_blocks=False) if name.startswith("ours_unfused") else contextlib.nullcontext()
+
+    def infer(name: str) -> torch.Tensor:
+        models[name].eval()
+        with torch.no_grad(), switches(name):
+            return models[name](x)
 
     def train(name: str) -> float:
         models[name].train()
-        return training_step(models[name], x, target, optimizers[name])
+        with switches(name):
+            return training_step(models[name], x, target, optimizers[name])
 
     # First calls: compilation (timed) and agreement with the eager twin, before any weight changes.
     compile_s, agreement = {}, {}
     for name in base:
-        eager_out = infer(models[name])
+        eager_out = infer(name)
         t0 = time.perf_counter()
-        compiled_out = infer(models[f"{name}+compile"])
+        compiled_out = infer(f"{name}+compile")
         sync()
         compile_s[f"{name}+compile infer"] = time.perf_counter() - t0
         eager_loss = train(name)
@@ -92,7 +104,7 @@ def main() -> int:
     times: dict[str, dict[str, list[float]]] = {k: {"train": [], "infer": []} for k in models}
     for name in models:  # one untimed step each after compilation
         train(name)
-        infer(models[name])
+        infer(name)
     for r in range(args.repeats):
         for name in models:
             sync()
@@ -101,16 +113,20 @@ def main() -> int:
             sync()
             times[name]["train"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            infer(models[name])
+            infer(name)
             sync()
             times[name]["infer"].append(time.perf_counter() - t0)
         _log(f"round {r + 1}/{args.repeats} done")
 
     med = {k: {kind: statistics.median(v) for kind, v in t.items()} for k, t in times.items()}
-    ref = med["monai"]
+    ref_name = "monai" if "monai" in med else next(iter(base))
+    ref = med[ref_name]
     print(f"machine: {machine_description(args.device)}; {datetime.date.today().isoformat()}")
     print(f"MedNeXt-{args.model} k{args.kernel}, patch {args.patch}^3, batch {args.batch}, median of {args.repeats}")
-    print("| variant | train step s | x MONAI eager | x own eager | inference s | x MONAI eager | x own eager |")
+    print(
+        f"| variant | train step s | x {ref_name} eager | x own eager | inference s | x {ref_name} eager "
+        "| x own eager |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name, m in med.items():
         own = med[name.removesuffix("+compile")]
