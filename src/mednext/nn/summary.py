@@ -45,8 +45,8 @@ class ModelSummary:
     rows: list[StageRow]
     total_parameters: int
     total_macs: int
-    saved_activations: dict[str, Any] = field(default_factory=dict)
     memory: list[dict[str, Any]] = field(default_factory=list)
+    saved_activations: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
