@@ -1,6 +1,11 @@
 """torch.compile: the network compiles as one graph (``fullgraph=True``: any graph break is an error), in
-training and in eval, with the CPU fast path's custom autograd functions (depthwise convolutions, the fused
-branch) and GRN inside, and gives eager's outputs and gradients.
+training and in eval, and gives eager's outputs and gradients.
+
+Compiled on the CPU, the network runs its plain path (PyTorch's convolutions): the CPU fast path's
+kernels loop in Python over cache-sized chunks and taps, which the compiler would unroll into a graph
+that grows with the patch (docs/decisions.md, "torch.compile"). The fast path's kernels themselves (the
+depthwise autograd functions, the fused branch) also trace as one graph; the last test checks that,
+through the module-level kernels, so a later change of the policy keeps a tested alternative.
 
 Compiling is slow on a small CPU, so the models are tiny (one stage, one block per position) and the
 float64 comparisons use the ``aot_eager`` backend: Dynamo's capture and AOT autograd's joint forward and
@@ -35,32 +40,35 @@ def _step(model, x):
     return [o.detach() for o in outs], [p.grad.clone() for p in model.parameters()]
 
 
+def _assert_equal(result, reference):
+    for a, b in zip(result[0], reference[0], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    scale = max(g.abs().max().item() for g in reference[1])
+    for a, b in zip(result[1], reference[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11 * scale)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("grn", "checkpointing"), [(False, "cheap"), (V2_GRN, True)], ids=["fused-cheap", "v2-grn-block"]
-)
+@pytest.mark.parametrize(("grn", "checkpointing"), [(False, "cheap"), (V2_GRN, True)], ids=["v1-cheap", "v2-grn-block"])
 def test_compiled_training_step_equals_eager_float64(grn, checkpointing, monkeypatch):
     calls = []
     original = fused.norm_expand_compress
     monkeypatch.setattr(fused, "norm_expand_compress", lambda *a, **k: calls.append(1) or original(*a, **k))
     model = _tiny(grn, checkpointing).train()
     x = torch.randn(2, 2, 8, 12, 8, dtype=torch.float64)
-    eager = _step(model, x)
-    assert bool(calls) == (not grn)  # the fused branch ran (v1 blocks) or GRN kept every block unfused
+    eager = _step(model, x)  # the CPU fast path: the fused branch runs in v1 blocks
+    assert bool(calls) == (not grn)
+    calls.clear()
     torch._dynamo.reset()
-    compiled = _step(torch.compile(model, fullgraph=True, backend="aot_eager"), x)
-    for a, b in zip(compiled[0], eager[0], strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-    scale = max(g.abs().max().item() for g in eager[1])
-    for a, b in zip(compiled[1], eager[1], strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11 * scale)
+    _assert_equal(_step(torch.compile(model, fullgraph=True, backend="aot_eager"), x), eager)
+    assert calls == []  # compiled: the plain path
 
 
 @pytest.mark.slow
-def test_inductor_compiles_the_fast_path_in_eval_float32():
-    """Inductor's code (C++ on the CPU) for the eval forward, fused branch included, against eager in
-    float32: Inductor reorders sums, so float32 rounding relative to the output's scale."""
-    model = _tiny(False, False, torch.float32, block_counts=[0, 1, 0]).eval()  # three fused blocks: down, 1, up
+def test_inductor_compiles_the_network_in_eval_float32():
+    """Inductor's code (C++ on the CPU) for the eval forward against eager (the fast path) in float32:
+    other kernels and summation orders, so float32 rounding relative to the output's scale."""
+    model = _tiny(V2_GRN, False, torch.float32, block_counts=[0, 1, 0]).eval()  # down, one block, up
     x = torch.randn(1, 2, 8, 16, 8)
     with torch.no_grad():
         eager = model(x)
@@ -68,3 +76,29 @@ def test_inductor_compiles_the_fast_path_in_eval_float32():
         compiled = torch.compile(model, fullgraph=True)(x)
     assert compiled.shape == eager.shape == (1, 3, 8, 16, 8)
     assert ((compiled - eager).abs().max() / eager.abs().max()).item() < 1e-5
+
+
+@pytest.mark.slow
+def test_fast_path_kernels_trace_as_one_graph_float64():
+    """The CPU fast path's custom autograd functions (a block with the fused branch, and a down block with
+    the strided depthwise conv and its backward) under Dynamo and AOT autograd, against eager."""
+    from mednext.nn import MedNeXtDownBlock
+    from mednext.nn.layers import channels_last
+
+    torch.manual_seed(1)
+    block = MedNeXtDownBlock(8, 16, 3, 3, stride=2).double().train()
+    for p in block.parameters():
+        p.data.add_(0.2 * torch.randn_like(p))
+    x = channels_last(torch.randn(2, 8, 6, 8, 6, dtype=torch.float64))
+
+    def step(fn):
+        block.zero_grad(set_to_none=True)
+        xi = x.detach().clone().requires_grad_()
+        out = fn(xi)
+        (out.square().mean() + out.mean()).backward()
+        return [out.detach(), xi.grad], [p.grad.clone() for p in block.parameters()]
+
+    eager = step(block)
+    torch._dynamo.reset()
+    compiled = step(torch.compile(block, fullgraph=True, backend="aot_eager"))
+    _assert_equal(compiled, eager)

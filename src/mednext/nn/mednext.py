@@ -369,6 +369,10 @@ class MedNeXt(nn.Module):
         fast = self.fast_path and not exporting
         if fast and x.is_cuda and config.get().cuda_route.layout == "plain":
             fast = False  # on CUDA without the channels-last route the plain layout is the faster one
+        if fast and not x.is_cuda and torch.compiler.is_compiling():
+            # The CPU fast path's kernels loop over cache-sized chunks and taps in Python, which the compiler
+            # unrolls: its graph grows with the patch. Compiled, the network runs PyTorch's own convolutions.
+            fast = False
         n = self.num_stages
         # Fast path: channels-last from the stem on, so every layer takes its channels-last kernel. A
         # one-channel image counts as plain (is_channels_last), hence the stem's GEMM is asked for here.
