@@ -65,9 +65,12 @@ def test_compiled_training_step_equals_eager_float64(grn, checkpointing, monkeyp
 
 
 @pytest.mark.slow
-def test_inductor_compiles_the_network_in_eval_float32():
+def test_inductor_compiles_the_network_in_eval_float32(monkeypatch):
     """Inductor's code (C++ on the CPU) for the eval forward against eager (the fast path) in float32:
     other kernels and summation orders, so float32 rounding relative to the output's scale."""
+    # Inductor imports setuptools to build C++; if an earlier test imported the standard library's
+    # distutils, setuptools' distutils shim fails on that import unless told to leave distutils alone.
+    monkeypatch.setenv("SETUPTOOLS_USE_DISTUTILS", "stdlib")
     model = _tiny(V2_GRN, False, torch.float32, block_counts=[0, 1, 0]).eval()  # down, one block, up
     x = torch.randn(1, 2, 8, 16, 8)
     with torch.no_grad():
