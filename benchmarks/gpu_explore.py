@@ -498,6 +498,10 @@ def steps(preset: str, kernel: int, size: int, batch: int, variants: list[str]):
 
     torch.backends.cudnn.benchmark = True
     models = build_variants(preset, kernel, 3, 1, 4)
+    if any(parse_variant(name)[0] == "v2" for name in variants):  # MedNeXt-v2 Base (k3; MONAI has no v2)
+        from mednext import create_mednext
+
+        models["v2"] = create_mednext("v2-base", 1, 4, deep_supervision=True, grad_checkpointing=False)
     res = {}
     torch.manual_seed(1)
     x = torch.randn(batch, 1, size, size, size, device=DEV)
@@ -518,6 +522,8 @@ def steps(preset: str, kernel: int, size: int, batch: int, variants: list[str]):
         try:
             t0 = time.time()
             runner = graphed(model, xi) if graph else model
+            if "+compile" in name:  # torch.compile, default backend; its first step includes compilation
+                runner = model = torch.compile(model)
             amp_step(runner, xi, target, opt, scaler, cache_enabled=not graph)
             sync()
             first = time.time() - t0
@@ -600,6 +606,8 @@ def main(argv=None):
             "ours+ckpt",
             "ours_plain+ckpt",
         ],
+        help="monai, monai_cl, ours, ours_plain, v2 (MedNeXt-v2 Base, ours only), each with optional "
+        "@route parts and +ckpt, +cheap, +graph or +compile (torch.compile)",
     )
     p.add_argument("--preset", default="L")
     p.add_argument("--kernel", type=int, default=5)

@@ -72,3 +72,40 @@ def test_cli_summary_errors(capsys):
     assert "valid presets are S, B, M, L" in capsys.readouterr().err
     assert main(["summary", "--size", "100"]) == 2
     assert "multiple of 16" in capsys.readouterr().err
+
+
+def test_saved_activations_counted_on_meta_equal_a_real_forward():
+    import torch
+
+    from mednext.nn.summary import saved_activation_bytes
+
+    torch.manual_seed(0)
+    model = MedNeXt(1, 3, width=8, strides=[2, 2], deep_supervision=True, grn={"where": "all", "norm": "sum"})
+    model.train().set_fast_path(False)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        outputs = model(torch.randn(2, 1, 16, 24, 16))
+    assert len(outputs) == 3
+    assert saved_activation_bytes(model, 2, (16, 24, 16)) == sum(saved.values()) > 2 * 16 * 24 * 16 * 8 * 4
+
+
+def test_cli_summary_of_v2(capsys):
+    args = ["summary", "--model", "v2-base", "--classes", "3", "--no-deep-supervision", "--size", "64", "--json"]
+    assert main(args) == 0
+    import json
+
+    out = json.loads(capsys.readouterr().out)
+    assert out["total_parameters"] == 61_969_507
+    assert out["saved_activations"]["bytes"] > 0 and out["saved_activations"]["batch"] == 2
+    # v2-base's convolutions are L k3's; only GRN (not counted) differs
+    assert (
+        out["total_macs"] == model_summary("L", num_classes=3, input_size=(64,) * 3, deep_supervision=False).total_macs
+    )

@@ -445,3 +445,35 @@ def test_torchrun_two_gloo_processes_keep_replicas_identical(planned_3d: Path, t
     assert log["batch_size"] == 1  # the planned batch of 2 is split over the two processes
     ckpt = torch.load(fold / "checkpoint_final.pth", weights_only=True)
     assert not any(k.startswith("module.") for k in ckpt["network_weights"])
+
+
+@pytest.mark.slow
+def test_train_v2_base_through_the_same_trainer(planned_3d: Path) -> None:
+    """`mednext train --model v2-base`: the v1 recipe's trainer with MedNeXt-v2 Base, whose results folder
+    rebuilds the network and is found by `mednext predict --model v2-base`; --compile on the CPU keeps the
+    eager network and says so in the log."""
+    work = planned_3d / "work"
+    args = ["train", "901", "--workdir", str(work), "--fold", "3", "--model", "v2-base", "--compile"]
+    assert main([*args, "--epochs", "1", "--iters-per-epoch", "1", "--val-iters", "0", "--no-val", *FAST]) == 0
+    out = _results(planned_3d, "Dataset901_Synth", "MedNeXtTrainer_V2Basek3", "MedNeXtPlans", "3d_fullres")
+    final = torch.load(out / "fold_3" / "checkpoint_final.pth", weights_only=True)
+    arch = json.loads((out / "plans.json").read_text())["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
+    assert arch["grn"] == {"where": "all", "norm": "sum"} and arch["width"] == 32
+    assert arch["block_counts"] == [3, 4, 8, 8, 8, 8, 8, 4, 3] and arch["grad_checkpointing"] is True
+    assert "down_0.grn_gamma" in final["network_weights"]
+    from mednext.nn import MedNeXt
+
+    MedNeXt(in_channels=1, num_classes=3, **arch).load_state_dict(final["network_weights"])  # strict
+    logs = "".join(p.read_text() for p in (out / "fold_3").glob("training_log_*.txt"))
+    assert "torch.compile skipped on cpu" in logs
+
+    from mednext.pipeline.predictor import resolve_trained_model
+    from mednext.pipeline.workdir import use_workdir
+
+    use_workdir(work)
+    trained = resolve_trained_model("Dataset901_Synth", "3d_fullres", "V2-BASE", 3, None)
+    assert trained.folder == out and trained.model == "V2-BASE" and trained.kernel == 3
+    with pytest.raises(ValueError, match="--model v2-base\\|v2-wide with --kernel 3"):
+        from mednext.pipeline.trainer import get_trainer_class
+
+        get_trainer_class("V2-BASE", 5)

@@ -38,7 +38,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", required=True, help="dataset name (Dataset901_Name) or id (901)")
     p.add_argument("--config", default=None, help="configuration, e.g. 3d_fullres or 2d (default: the one trained)")
     p.add_argument("--fold", nargs="+", type=_fold, default=None, help="fold(s) to ensemble (default: all present)")
-    p.add_argument("--model", choices=("S", "B", "M", "L"), type=str.upper, default=None, help="preset trained")
+    p.add_argument(
+        "--model",
+        choices=("S", "B", "M", "L", "V2-BASE", "V2-WIDE"),
+        type=str.upper,
+        default=None,
+        help="preset trained (S, B, M, L, v2-base, v2-wide)",
+    )
     p.add_argument("--kernel", type=int, default=None, help="kernel size trained (3 or 5)")
     p.add_argument("--plans", default=None, help="plans identifier (MedNeXtPlans or MedNeXtPlans_paper)")
     p.add_argument("--checkpoint", choices=("final", "best", "latest"), default="final", help="default: final")

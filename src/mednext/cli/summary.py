@@ -15,7 +15,7 @@ def _size(text: str) -> tuple[int, ...]:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("summary", help="per-stage table, parameters, MACs and training-step memory of a preset")
-    p.add_argument("--model", default="S", help="preset S, B, M or L (default S)")
+    p.add_argument("--model", default="S", help="preset S, B, M, L, v2-base or v2-wide (default S)")
     p.add_argument("--kernel", type=int, default=3, help="depthwise kernel size (default 3)")
     p.add_argument("--dims", type=int, choices=(2, 3), default=3, help="2D or 3D network (default 3)")
     p.add_argument("--in-channels", type=int, default=1)
@@ -25,7 +25,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--size", type=_size, default=None, help="input size for MACs, e.g. 128 or 128x128x128 (default 128)"
     )
     p.add_argument("--memory", action="store_true", help="also measure one training step's peak memory")
-    p.add_argument("--batch", type=int, default=2, help="batch size of the memory measurement (default 2)")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=2,
+        help="batch size of the saved activations and the memory measurement (default 2)",
+    )
     p.add_argument("--patch", type=_size, default=None, help="patch of the memory measurement (default: --size)")
     p.add_argument("--device", default="cpu", help="device of the memory measurement: cpu or cuda (default cpu)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -11,12 +11,10 @@ Multi-GPU / multi-node: ``torchrun --nnodes N --nproc_per_node G -m mednext trai
 from __future__ import annotations
 
 import argparse
-import re
 
 from mednext.errors import UserError
 
 CONFIGURATIONS = ("3d_fullres", "2d")
-_TRAINER_NAME = re.compile(r"^MedNeXtTrainer_([SBML])k(\d+)$")
 _PLANS = {"MedNeXtPlans": "auto", "MedNeXtPlans_paper": "paper"}
 
 
@@ -34,11 +32,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workdir", default=None, help="working folder (default ./mednext_work; wins over nnUNet_*)")
     p.add_argument("--config", default=None, choices=CONFIGURATIONS, help="configuration (default 3d_fullres)")
     p.add_argument("--fold", default=None, help="0-4 or all (default 0)")
-    p.add_argument("--model", default="S", type=str.upper, choices=("S", "B", "M", "L"), help="preset (default S)")
+    p.add_argument(
+        "--model",
+        default="S",
+        type=str.upper,
+        choices=("S", "B", "M", "L", "V2-BASE", "V2-WIDE"),
+        help="preset: S, B, M, L or MedNeXt-v2's v2-base, v2-wide (default S)",
+    )
     p.add_argument("--kernel", default=3, type=int, help="odd depthwise kernel size: 3, 5, 7, ... (default 3)")
     p.add_argument(
         "-tr", "--trainer", default=None,
-        help="trainer name as nnU-Net spells it, e.g. MedNeXtTrainer_Bk5 (sets --model and --kernel)",
+        help="trainer name as nnU-Net spells it, e.g. MedNeXtTrainer_Bk5 or MedNeXtTrainer_V2Basek3 (sets --model "
+        "and --kernel)",
     )  # fmt: skip
     p.add_argument(
         "--recipe", choices=("auto", "paper"), default=None, help="which plans to use (default: auto if planned)"
@@ -57,6 +62,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="as nnU-Net's --c: per fold, skip it if finished, resume it if interrupted, else start it",
     )  # fmt: skip
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast on CUDA instead of float16 + grad scaling")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the network (CUDA; on the CPU it is slower, see docs/benchmarks.md, and is skipped "
+        "with a note); nnUNet_compile=1 asks the same",
+    )
     p.add_argument(
         "--num-workers",
         type=int,
@@ -102,13 +113,15 @@ def _choices(args: argparse.Namespace) -> tuple[str, list[str], str, int, str | 
         raise UserError(f"fold listed twice: {' '.join(folds)}")
     preset, kernel = args.model, args.kernel
     if args.trainer is not None:
-        match = _TRAINER_NAME.match(args.trainer)
-        if match is None:
+        from mednext.pipeline.trainer import parse_trainer_name
+
+        parsed = parse_trainer_name(args.trainer)
+        if parsed is None:
             raise UserError(
-                f"-tr {args.trainer}: mednext trains MedNeXtTrainer_<S|B|M|L>k<odd kernel> (e.g. MedNeXtTrainer_Sk3); "
-                "train nnU-Net's own trainers with nnUNetv2_train"
+                f"-tr {args.trainer}: mednext trains MedNeXtTrainer_<S|B|M|L|V2Base|V2Wide>k<odd kernel> (e.g. "
+                "MedNeXtTrainer_Sk3); train nnU-Net's own trainers with nnUNetv2_train"
             )
-        preset, kernel = match.group(1), int(match.group(2))
+        preset, kernel = parsed
     recipe = args.recipe
     if args.plans is not None:
         if recipe is not None and _PLANS[args.plans] != recipe:
@@ -144,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
         val_iters=args.val_iters,
         resume=args.resume,
         bf16=args.bf16,
+        compile=args.compile,
         num_workers=args.num_workers,
         recipe=recipe,
         validate=not args.no_val,

@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from mednext.nn import layers
 
 __all__ = [
+    "GRN_NORMALISATIONS",
     "ChannelsFirstLayerNorm",
     "GlobalResponseNorm",
     "IntOrTuple",
@@ -65,12 +66,29 @@ class ChannelsFirstLayerNorm(nn.Module):
         return y.movedim(-1, 1)
 
 
-def global_response_norm(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """ConvNeXt-V2 GRN on (N, C, *spatial): gamma * (x * nx) + beta + x."""
+GRN_NORMALISATIONS = ("mean", "sum")
+
+
+def global_response_norm(
+    x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, normalisation: str = "mean"
+) -> torch.Tensor:
+    """Global response normalisation on (N, C, *spatial): ``gamma * (x * nx) + beta + x``.
+
+    ``gx`` is each channel's L2 norm over the spatial axes and ``nx = gx / (s + 1e-6)``, where ``s``
+    is the mean of ``gx`` over the channels (``normalisation="mean"``, ConvNeXt-V2 and MedNeXt v1) or
+    their sum (``"sum"``, MedNeXt-v2 as read from its paper; C times the mean).
+    """
     spatial = tuple(range(2, x.ndim))
     gx = torch.linalg.vector_norm(x, ord=2, dim=spatial, keepdim=True)
-    nx = gx / (gx.mean(dim=1, keepdim=True) + 1e-6)
-    return gamma * (x * nx) + beta + x
+    if normalisation == "mean":
+        scale = gx.mean(dim=1, keepdim=True)
+    elif normalisation == "sum":
+        scale = gx.sum(dim=1, keepdim=True)
+    else:
+        raise ValueError(f"GRN normalisation {normalisation!r} is not supported; use 'mean' or 'sum'")
+    # gamma * (x * nx) + beta + x as x * (1 + gamma * nx) + beta: the per-channel factor is small, so one
+    # full-size product is built (and saved for the backward pass) instead of two
+    return torch.addcmul(beta, x, 1 + gamma * (gx / (scale + 1e-6)))
 
 
 class GlobalResponseNorm(nn.Module):
@@ -79,16 +97,20 @@ class GlobalResponseNorm(nn.Module):
     Args:
         num_channels: size of the channel axis.
         spatial_dims: 2 or 3.
+        normalisation: "mean" (ConvNeXt-V2) or "sum" (MedNeXt-v2) of the channels' norms.
     """
 
-    def __init__(self, num_channels: int, spatial_dims: int = 3) -> None:
+    def __init__(self, num_channels: int, spatial_dims: int = 3, normalisation: str = "mean") -> None:
         super().__init__()
+        if normalisation not in GRN_NORMALISATIONS:
+            raise ValueError(f"GRN normalisation {normalisation!r} is not supported; use 'mean' or 'sum'")
         shape = (1, num_channels) + (1,) * spatial_dims
         self.gamma = nn.Parameter(torch.zeros(shape))
         self.beta = nn.Parameter(torch.zeros(shape))
+        self.normalisation = normalisation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return global_response_norm(x, self.gamma, self.beta)
+        return global_response_norm(x, self.gamma, self.beta, self.normalisation)
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -105,7 +127,8 @@ class MedNeXtBlock(nn.Module):
         spatial_dims: 2 or 3.
         residual: add the input to the output (needs in_channels == out_channels).
         norm: "group" (one group per channel, the paper's) or "layer" (channels-first LayerNorm).
-        grn: apply global response normalisation to the expanded features.
+        grn: global response normalisation of the expanded features: False (none), True or
+            "mean" (normalised by the channels' mean norm), "sum" (by their sum, MedNeXt-v2).
 
     Attribute ``recompute_expansion`` (default False; :meth:`MedNeXt.set_grad_checkpointing`
     with ``"cheap"`` sets it): in training with gradients on, keep only the depthwise conv's
@@ -122,9 +145,12 @@ class MedNeXtBlock(nn.Module):
         spatial_dims: int = 3,
         residual: bool = True,
         norm: str = "group",
-        grn: bool = False,
+        grn: bool | str = False,
     ) -> None:
         super().__init__()
+        grn_norm = "mean" if grn is True else (grn or False)
+        if grn_norm is not False and grn_norm not in GRN_NORMALISATIONS:
+            raise ValueError(f"grn={grn!r} is not supported; use False, True, 'mean' or 'sum'")
         self.residual = residual
         self.conv1 = layers.DEPTHWISE_CONV[spatial_dims](
             in_channels, as_tuple(kernel_size, spatial_dims, "kernel_size")
@@ -138,8 +164,9 @@ class MedNeXtBlock(nn.Module):
         hidden = expansion * in_channels
         self.conv2 = layers.POINTWISE_CONV[spatial_dims](in_channels, hidden)
         self.act = nn.GELU()
-        self.grn = grn
-        if grn:
+        self.grn = grn_norm is not False
+        self.grn_normalisation = grn_norm or "mean"
+        if self.grn:
             shape = (1, hidden) + (1,) * spatial_dims
             self.grn_gamma = nn.Parameter(torch.zeros(shape))
             self.grn_beta = nn.Parameter(torch.zeros(shape))
@@ -151,6 +178,8 @@ class MedNeXtBlock(nn.Module):
         [GRN], compression, plus ``residual`` when given."""
         y = self.conv1(x)
         recompute = self.recompute_expansion and self.training and torch.is_grad_enabled()
+        # GRN needs every voxel's expansion before the compression can start, which the fused branch's
+        # chunks never hold at once: GRN blocks take the unfused branch on every path.
         if not self.grn and layers.runs_fused(self.norm, y):
             return layers.fused_norm_expand_compress(y, residual, self.norm, self.conv2, self.conv3, recompute)
         y = self._recomputed_expand_compress(y) if recompute else self._expand_compress(y)
@@ -160,15 +189,17 @@ class MedNeXtBlock(nn.Module):
         """Norm -> 1x1 expand -> GELU [-> GRN] -> 1x1 compress of the depthwise conv's output."""
         y = self.act(self.conv2(self.norm(y)))
         if self.grn:
-            y = global_response_norm(y, self.grn_gamma, self.grn_beta)
+            y = global_response_norm(y, self.grn_gamma, self.grn_beta, self.grn_normalisation)
         return self.conv3(y)
 
     def _recomputed_expand_compress(self, y: torch.Tensor) -> torch.Tensor:
         # The compression conv is inside the recomputed function, else it would store its R*C-channel
         # input; the recomputation stops once the saved tensors exist (non-reentrant early stop), before
         # the compression's own GEMM. No random ops here, so the RNG state need not be kept.
-        if y.untyped_storage().nbytes() > y.numel() * y.element_size():
-            y = y.clone()  # a view (of any kernel's depthwise output) would keep its larger source alive
+        # A view (of any kernel's depthwise output) would keep its larger source alive. Under torch.compile
+        # the compiler chooses what is saved, and a storage's size cannot be traced (a graph break).
+        if not torch.compiler.is_compiling() and y.untyped_storage().nbytes() > y.numel() * y.element_size():
+            y = y.clone()
         return checkpoint(self._expand_compress, y, use_reentrant=False, preserve_rng_state=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -188,7 +219,7 @@ class _ResamplingBlock(MedNeXtBlock):
         spatial_dims: 2 or 3.
         residual: use the 1x1 resampling residual path.
         norm: "group" or "layer".
-        grn: global response normalisation on the expanded features.
+        grn: global response normalisation on the expanded features (as :class:`MedNeXtBlock`).
     """
 
     # The layer classes for the depthwise conv and the residual conv, by spatial_dims.
@@ -205,7 +236,7 @@ class _ResamplingBlock(MedNeXtBlock):
         spatial_dims: int = 3,
         residual: bool = True,
         norm: str = "group",
-        grn: bool = False,
+        grn: bool | str = False,
     ) -> None:
         # The stride-1 depthwise conv the parent builds is replaced below; building it first keeps the
         # reference's module creation order, so a seed gives the reference's initial weights.

@@ -1,7 +1,9 @@
-"""MedNeXt: the network and the S/B/M/L presets, in reading order (blocks: :mod:`mednext.nn.blocks`).
+"""MedNeXt: the network, the S/B/M/L presets and MedNeXt-v2's Base and Wide, in reading order
+(blocks: :mod:`mednext.nn.blocks`).
 
 Roy et al., "MedNeXt: Transformer-driven Scaling of ConvNets for Medical Image
-Segmentation", MICCAI 2023. Module and parameter names follow the reference
+Segmentation", MICCAI 2023; Roy et al., "MedNeXt-v2: Scaling 3D ConvNeXts for Large-Scale
+Supervised Representation Learning in Medical Image Segmentation", arXiv 2512.17774. Module and parameter names follow the reference
 implementation (``stem``, ``enc_block_{i}``, ``down_{i}``, ``bottleneck``,
 ``up_{i}``, ``dec_block_{i}``, ``out_{i}.conv_out``) so that reference state
 dicts load without renaming.
@@ -10,7 +12,7 @@ dicts load without renaming.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -18,12 +20,46 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mednext import config
-from mednext.nn.blocks import IntOrTuple, MedNeXtBlock, MedNeXtDownBlock, MedNeXtOutBlock, MedNeXtUpBlock, as_tuple
+from mednext.nn.blocks import (
+    GRN_NORMALISATIONS,
+    IntOrTuple,
+    MedNeXtBlock,
+    MedNeXtDownBlock,
+    MedNeXtOutBlock,
+    MedNeXtUpBlock,
+    as_tuple,
+)
 from mednext.nn.layers import channels_last, pointwise
 
 __all__ = ["PRESETS", "MedNeXt", "create_mednext"]
 
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
+
+
+GRN_PLACEMENTS = ("all", "all_but_down_0")
+# ``grn=True``: the reference MedNeXt v1's GRN (ConvNeXt-V2's channel mean, none in down_0).
+_GRN_TRUE = {"where": "all_but_down_0", "norm": "mean"}
+
+
+def _grn_setting(value: Any) -> bool | dict[str, str]:
+    """A ``grn`` value in its stored form: False, True (the reference's GRN) or a dict
+    ``{"where": "all" | "all_but_down_0", "norm": "mean" | "sum"}`` that differs from True's."""
+    if value is None or value is False or value is True:
+        return bool(value)
+    if not isinstance(value, Mapping):
+        raise ValueError(
+            f"grn={value!r} is not supported; use False, True (every block but down_0, channel mean, as the "
+            "reference v1) or a dict such as {'where': 'all', 'norm': 'sum'} (MedNeXt-v2)"
+        )
+    unknown = sorted(set(value) - {"where", "norm"})
+    if unknown:
+        raise ValueError(f"grn has unknown key(s) {', '.join(map(repr, unknown))}; use 'where' and 'norm'")
+    setting = {**_GRN_TRUE, **value}
+    if setting["where"] not in GRN_PLACEMENTS:
+        raise ValueError(f"grn['where']={setting['where']!r} is not supported; use 'all' or 'all_but_down_0'")
+    if setting["norm"] not in GRN_NORMALISATIONS:
+        raise ValueError(f"grn['norm']={setting['norm']!r} is not supported; use 'mean' or 'sum'")
+    return True if setting == _GRN_TRUE else setting
 
 
 _CHECKPOINT_MODES: dict[Any, bool | str] = {False: False, "none": False, True: True, "block": True, "cheap": "cheap"}
@@ -75,7 +111,11 @@ class MedNeXt(nn.Module):
         residual: residual connections inside MedNeXt blocks.
         resample_residual: 1x1 residual paths in the down and up blocks.
         norm: "group" or "layer".
-        grn: global response normalisation in every block except ``down_0`` (as the reference).
+        grn: global response normalisation after GELU. False: none. True: in every block except
+            ``down_0``, normalised by the channels' mean norm (the reference v1, ConvNeXt-V2). A dict
+            ``{"where": "all" | "all_but_down_0", "norm": "mean" | "sum"}`` chooses both;
+            MedNeXt-v2 is ``{"where": "all", "norm": "sum"}`` (down and up blocks included,
+            normalised by the channels' summed norm).
         deep_supervision: build the extra heads ``out_1..out_n`` and return them in training.
         grad_checkpointing: False (store everything), True or "block" (recompute each block in
             the backward pass, non-reentrant) or "cheap" (recompute only each block's norm,
@@ -98,7 +138,7 @@ class MedNeXt(nn.Module):
         residual: bool = True,
         resample_residual: bool = True,
         norm: str = "group",
-        grn: bool = False,
+        grn: bool | Mapping[str, str] = False,
         deep_supervision: bool = False,
         grad_checkpointing: bool | str = False,
     ) -> None:
@@ -112,6 +152,7 @@ class MedNeXt(nn.Module):
             raise ValueError(f"norm={norm!r} is not supported; use 'group' or 'layer'")
         if isinstance(strides, int) or len(strides) < 1:
             raise ValueError(f"strides={strides!r} must be a sequence with one stride per stage, e.g. (2, 2, 2, 2)")
+        grn = _grn_setting(grn)
         n = len(strides)
         positions = 2 * n + 1
         stride_list = [as_tuple(s, spatial_dims, f"strides[{i}]") for i, s in enumerate(strides)]
@@ -167,11 +208,14 @@ class MedNeXt(nn.Module):
         }
 
         common = {"spatial_dims": spatial_dims, "norm": norm}
+        # per block: False or the GRN's normalisation; down_0's follows "where"
+        grn_norm: bool | str = grn and (_GRN_TRUE if grn is True else grn)["norm"]
+        grn_down_0 = grn_norm if isinstance(grn, dict) and grn["where"] == "all" else False
 
         def stage(pos: int, channels: int) -> nn.Sequential:
             return nn.Sequential(
                 *(
-                    MedNeXtBlock(channels, channels, exp[pos], kernels[pos], residual=residual, grn=grn, **common)
+                    MedNeXtBlock(channels, channels, exp[pos], kernels[pos], residual=residual, grn=grn_norm, **common)
                     for _ in range(blocks[pos])
                 )
             )
@@ -186,7 +230,7 @@ class MedNeXt(nn.Module):
                 f"down_{i}",
                 MedNeXtDownBlock(
                     c, 2 * c, down_exp[i], kernels[i], stride_list[i],
-                    residual=resample_residual, grn=grn and i > 0, **common,
+                    residual=resample_residual, grn=grn_norm if i > 0 else grn_down_0, **common,
                 ),
             )  # fmt: skip
         self.bottleneck = stage(n, self.widths[n])
@@ -198,7 +242,7 @@ class MedNeXt(nn.Module):
                 f"up_{i}",
                 MedNeXtUpBlock(
                     2 * c, c, up_exp[i], kernels[pos], stride_list[i],
-                    residual=resample_residual, grn=grn, **common,
+                    residual=resample_residual, grn=grn_norm, **common,
                 ),
             )  # fmt: skip
             setattr(self, f"dec_block_{i}", stage(pos, c))
@@ -325,6 +369,10 @@ class MedNeXt(nn.Module):
         fast = self.fast_path and not exporting
         if fast and x.is_cuda and config.get().cuda_route.layout == "plain":
             fast = False  # on CUDA without the channels-last route the plain layout is the faster one
+        if fast and not x.is_cuda and torch.compiler.is_compiling():
+            # The CPU fast path's kernels loop over cache-sized chunks and taps in Python, which the compiler
+            # unrolls: its graph grows with the patch. Compiled, the network runs PyTorch's own convolutions.
+            fast = False
         n = self.num_stages
         # Fast path: channels-last from the stem on, so every layer takes its channels-last kernel. A
         # one-channel image counts as plain (is_channels_last), hence the stem's GEMM is asked for here.
@@ -368,6 +416,21 @@ PRESETS: dict[str, dict[str, Any]] = {
         "block_counts": [3, 4, 8, 8, 8, 8, 8, 4, 3],
         "grad_checkpointing": True,
     },
+    # MedNeXt-v2 (arXiv 2512.17774): L's depth and expansion, GRN after GELU in every block (down and
+    # up blocks included) normalised by the channels' summed norm; Base C=32, Wide C=64.
+    "V2-BASE": {
+        "expansion_ratios": [3, 4, 8, 8, 8, 8, 8, 4, 3],
+        "block_counts": [3, 4, 8, 8, 8, 8, 8, 4, 3],
+        "grn": {"where": "all", "norm": "sum"},
+        "grad_checkpointing": True,
+    },
+    "V2-WIDE": {
+        "width": 64,
+        "expansion_ratios": [3, 4, 8, 8, 8, 8, 8, 4, 3],
+        "block_counts": [3, 4, 8, 8, 8, 8, 8, 4, 3],
+        "grn": {"where": "all", "norm": "sum"},
+        "grad_checkpointing": True,
+    },
 }
 
 
@@ -381,17 +444,19 @@ def create_mednext(
     deep_supervision: bool = False,
     **overrides: Any,
 ) -> MedNeXt:
-    """Build one of the paper's presets S, B, M or L (C=32, 4 stages, group norm, no GRN).
+    """Build one of the paper's presets S, B, M or L (C=32, 4 stages, group norm, no GRN), or
+    MedNeXt-v2's "v2-base" (C=32) or "v2-wide" (C=64): L's depth and expansion ratios with GRN
+    (channel sum) after GELU in every block.
 
     Args:
-        preset: "S", "B", "M" or "L" (case-insensitive).
+        preset: "S", "B", "M", "L", "v2-base" or "v2-wide" (case-insensitive).
         in_channels: number of input channels.
         num_classes: number of output channels.
-        kernel_size: odd depthwise kernel size for every block (3 and 5 in the paper).
+        kernel_size: odd depthwise kernel size for every block (3 and 5 in the v1 paper, 3 in v2's).
         spatial_dims: 2 or 3.
         deep_supervision: build and return the four extra heads in training mode.
         **overrides: any other :class:`MedNeXt` argument, e.g. ``strides`` or ``grad_checkpointing``
-            (M and L default to True, whole blocks; ``grad_checkpointing="cheap"`` recomputes only
+            (M, L and the v2 presets default to True, whole blocks; ``grad_checkpointing="cheap"`` recomputes only
             norm, expansion and GELU).
     """
     key = str(preset).upper()

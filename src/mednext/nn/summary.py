@@ -3,6 +3,10 @@
 MACs are counted on the ``meta`` device (shapes only, no memory, no arithmetic) for every
 convolution and transposed convolution, the layers that hold >99% of the work; norms,
 GELU, additions and padding are not counted, like the reference README's figures.
+
+The activations a training forward keeps for the backward pass are counted on the ``meta``
+device too (autograd's saved tensors, each storage once, the weights excluded): the part of a
+step's memory that grows with the patch, for any patch size without running the network.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ class ModelSummary:
     total_parameters: int
     total_macs: int
     memory: list[dict[str, Any]] = field(default_factory=list)
+    saved_activations: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -59,6 +64,12 @@ class ModelSummary:
             f"\n{self.total_parameters / 1e6:.2f} M parameters; {self.total_macs / 1e9:.1f} G multiply-accumulates "
             f"({2 * self.total_macs / 1e9:.1f} GFLOPs) for one forward pass of a {shape} input"
         )
+        if self.saved_activations:
+            a = self.saved_activations
+            lines.append(
+                f"activations saved for the backward pass (float32, batch {a['batch']}, no checkpointing, plain "
+                f"path): {a['bytes'] / 2**20:,.0f} MiB"
+            )
         for m in self.memory:
             lines.append(
                 f"training step peak memory ({m['device']}, batch {m['batch']}, patch {m['patch']}, "
@@ -147,6 +158,32 @@ def summarize(model: MedNeXt, input_size: Sequence[int], *, preset: str | None =
 
 
 # ----------------------------------------------------------------------------- memory
+
+
+def saved_activation_bytes(model: MedNeXt, batch: int, patch: Sequence[int]) -> int:
+    """Bytes of the tensors a float32 training forward (deep supervision as configured, no gradient
+    checkpointing, the plain path) saves for the backward pass, counted on the ``meta`` device:
+    every saved storage once, the weights excluded. Exact for what it counts (a real forward saves
+    the same tensors); a step's peak adds the gradients, the optimizer state and temporaries."""
+    with torch.device("meta"):
+        meta = MedNeXt(**{**model.config, "grad_checkpointing": False})
+    meta.train()
+    meta.set_fast_path(False)  # the meta device runs PyTorch's own ops only
+    weights = {p.untyped_storage()._cdata for p in meta.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage._cdata not in weights:
+            saved[storage._cdata] = storage.nbytes()
+        return t
+
+    x = torch.empty((batch, model.in_channels, *patch), device="meta")
+    meta.check_input(x)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        outputs = meta(x)
+    del outputs
+    return sum(saved.values())
 
 
 def deep_supervision_loss(outputs: Any, target: torch.Tensor) -> torch.Tensor:
@@ -286,14 +323,22 @@ def model_summary(
     memory_patch: Sequence[int] | None = None,
     device: str = "cpu",
 ) -> ModelSummary:
-    """Summary of a preset; with ``memory_batch`` also one training step's peak memory on ``device``
-    without gradient checkpointing, with whole-block checkpointing and with "cheap" checkpointing."""
+    """Summary of a preset (S, B, M, L, v2-base, v2-wide) with the activations a training forward of
+    ``memory_batch`` (default 2) patches of ``input_size`` saves for the backward pass; with
+    ``memory_batch`` also one training step's measured peak memory on ``device`` without gradient
+    checkpointing, with whole-block checkpointing and with "cheap" checkpointing."""
     model = create_mednext(
         preset, in_channels, num_classes, kernel_size=kernel_size, spatial_dims=spatial_dims,
         deep_supervision=deep_supervision,
     )  # fmt: skip
     size = tuple(input_size) if input_size else (128,) * spatial_dims
     summary = summarize(model, size, preset=preset.upper())
+    batch = memory_batch or 2
+    summary.saved_activations = {
+        "batch": batch,
+        "patch": "x".join(map(str, size)),
+        "bytes": saved_activation_bytes(model, batch, size),
+    }
     if memory_batch:
         patch = tuple(memory_patch) if memory_patch else size
         for ckpt in (False, True, "cheap"):

@@ -58,7 +58,8 @@ CHECKPOINTS = {
     "best": "checkpoint_best.pth",
     "latest": "checkpoint_latest.pth",
 }
-_TRAINER = re.compile(r"^MedNeXtTrainer_(?P<model>[SBML])k(?P<kernel>\d+)")
+_TRAINER = re.compile(r"^MedNeXtTrainer_(?P<model>[SBML]|V2Base|V2Wide)k(?P<kernel>\d+)")
+_MODEL_NAMES = {"V2Base": "V2-BASE", "V2Wide": "V2-WIDE"}  # class-name token -> preset
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ class TrainedModel:
     @property
     def model(self) -> str | None:
         match = _TRAINER.match(self.trainer)
-        return match["model"] if match else None
+        return _MODEL_NAMES.get(match["model"], match["model"]) if match else None
 
     @property
     def kernel(self) -> int | None:

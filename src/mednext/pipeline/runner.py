@@ -121,6 +121,8 @@ class TrainSettings:
             resume, the interrupted run's).
         resume: continue from the fold's ``checkpoint_latest.pth``.
         bf16: bfloat16 autocast on CUDA instead of float16 with gradient scaling.
+        compile: ``torch.compile`` the network where that pays (CUDA; see
+            :meth:`MedNeXtTrainer.configure_run`); ``nnUNet_compile=1`` asks the same.
         num_workers: data-augmentation processes (None: 0 on CPU unless ``nnUNet_n_proc_DA`` is
             set, the engine's choice elsewhere).
         recipe: which plans to train with (``"auto"``, ``"paper"``; None: auto if planned).
@@ -150,6 +152,7 @@ class TrainSettings:
     val_iters: int | None = None
     resume: bool = False
     bf16: bool = False
+    compile: bool = False
     num_workers: int | None = None
     recipe: str | None = None
     validate: bool = True
@@ -312,6 +315,7 @@ def _start(trainer: MedNeXtTrainer, settings: TrainSettings) -> None:
         iters_per_epoch=iters,
         val_iters=val_iters,
         bf16=settings.bf16,
+        compile=settings.compile,
         show_progress=settings.show_progress,
         context_slices=settings.context_slices or None,
     )

@@ -3,7 +3,8 @@
 What differs from the engine's trainer, and nothing else:
 
 * network: :class:`mednext.nn.MedNeXt`, preset and kernel from the class (``MedNeXtTrainer_Sk3`` ...
-  ``MedNeXtTrainer_Lk5``); the plans handed to the engine (and copied to the results folder)
+  ``MedNeXtTrainer_Lk5``, and MedNeXt-v2's ``MedNeXtTrainer_V2Basek3`` and ``MedNeXtTrainer_V2Widek3``,
+  trained with the same recipe); the plans handed to the engine (and copied to the results folder)
   describe exactly that network;
 * optimiser: AdamW, lr 1e-3, weight decay 3e-5, eps 1e-4, poly decay (0.9) per epoch; gradient
   clipping at norm 12;
@@ -12,7 +13,8 @@ What differs from the engine's trainer, and nothing else:
 * precision: float16 autocast with gradient scaling on CUDA, bfloat16 autocast without scaling when
   ``bf16`` is set, float32 elsewhere;
 * DDP: the process's local rank picks the GPU (the engine uses the global rank); gloo on CPU;
-* ``torch.compile`` only when the user asks for it (``nnUNet_compile=1``) and only on CUDA;
+* ``torch.compile`` only when the user asks for it (``--compile`` or ``nnUNet_compile=1``) and only on
+  CUDA (on the CPU the compiled step is slower than the eager one: docs/benchmarks.md);
 * checkpoints: written every epoch whole or not at all, with plain Python values only so that
   ``torch.load(..., weights_only=True)`` reads them; a JSON log per epoch; a progress bar.
 
@@ -30,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,15 +58,28 @@ from mednext.pipeline.ddp import local_rank_from_env, replica_max_abs_diff
 from mednext.pipeline.planning import architecture_entry, mednext_arch_kwargs
 from mednext.pipeline.workdir import compile_requested
 
-PRESETS = ("S", "B", "M", "L")
+PRESETS = ("S", "B", "M", "L", "V2-BASE", "V2-WIDE")
 KERNELS = (3, 5)
+# A preset's part of a trainer class name (a Python identifier, as nnU-Net finds trainers by name).
+CLASS_TOKENS = {"S": "S", "B": "B", "M": "M", "L": "L", "V2-BASE": "V2Base", "V2-WIDE": "V2Wide"}
 DS_WEIGHTS = (1.0, 1 / 2, 1 / 4, 1 / 8, 1 / 16)  # full resolution first, as the reference
 LOG_NAME = "training_log.json"
 
 
 def trainer_class_name(preset: str, kernel: int) -> str:
-    """``MedNeXtTrainer_Sk3`` etc."""
-    return f"MedNeXtTrainer_{preset.upper()}k{int(kernel)}"
+    """``MedNeXtTrainer_Sk3`` ... ``MedNeXtTrainer_V2Basek3``."""
+    key = preset.upper()
+    return f"MedNeXtTrainer_{CLASS_TOKENS.get(key, key)}k{int(kernel)}"
+
+
+def parse_trainer_name(name: str) -> tuple[str, int] | None:
+    """(preset, kernel) of a MedNeXt trainer name (``MedNeXtTrainer_V2Basek3`` -> ``("V2-BASE", 3)``),
+    or None if ``name`` is not one."""
+    match = re.match(r"^MedNeXtTrainer_([A-Za-z0-9]+)k(\d+)$", name)
+    presets = {token: preset for preset, token in CLASS_TOKENS.items()}
+    if match is None or match.group(1) not in presets:
+        return None
+    return presets[match.group(1)], int(match.group(2))
 
 
 def plain_values(value: Any) -> Any:
@@ -263,6 +279,7 @@ class MedNeXtTrainer(EpochLoop, nnUNetTrainer):
         self.num_val_iterations_per_epoch = 50
         self.save_every = 1  # an interrupted run loses at most one epoch
         self.bf16 = False
+        self.compile_network = compile_requested()
         self.show_progress = True
         self.replica_max_abs_diff: float | None = None  # DDP: checked at the end of training
         self.grad_scaler = self.grad_scaler if self.device.type == "cuda" else None
@@ -278,8 +295,11 @@ class MedNeXtTrainer(EpochLoop, nnUNetTrainer):
         bf16: bool = False,
         show_progress: bool = True,
         context_slices: int | None = None,
+        compile: bool = False,
     ) -> None:
-        """Set the run's length, precision, progress bar and (2D) context slices before :meth:`initialize`."""
+        """Set the run's length, precision, progress bar, (2D) context slices and ``torch.compile``
+        (``compile``: compile the network on CUDA; on other devices the eager network is kept and the
+        log says why) before :meth:`initialize`."""
         if self.was_initialized:
             raise RuntimeError("configure_run must be called before initialize()")
         for name, value in (("epochs", epochs), ("iters_per_epoch", iters_per_epoch), ("val_iters", val_iters)):
@@ -297,6 +317,8 @@ class MedNeXtTrainer(EpochLoop, nnUNetTrainer):
         if self.bf16:
             self.grad_scaler = None  # bfloat16 has float32's range: no loss scaling
         self.show_progress = show_progress
+        if compile:
+            self.compile_network = True
         if context_slices is not None:
             self._record_context_slices(context_slices)
 
@@ -328,10 +350,16 @@ class MedNeXtTrainer(EpochLoop, nnUNetTrainer):
             self.label_manager.num_segmentation_heads,
             self.enable_deep_supervision,
         ).to(self.device)
-        if compile_requested() and self.device.type == "cuda":
-            # opt-in only: compiling MedNeXt is not validated on every torch version
+        if self.compile_network and self.device.type == "cuda":
+            # opt-in only: compiling MedNeXt is checked on the CPU (tests/nn/test_compile.py), not on every
+            # torch version; no fullgraph, so a graph break in a CUDA kernel's wrapper runs it eagerly
             self.print_to_log_file("Using torch.compile...")
             self.network = torch.compile(self.network)
+        elif self.compile_network:
+            self.print_to_log_file(
+                f"torch.compile skipped on {self.device.type}: the compiled step is slower than the eager one there "
+                "(docs/benchmarks.md, 'torch.compile')"
+            )
         self.optimizer, self.lr_scheduler = self.configure_optimizers()
         if self.is_ddp:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -624,6 +652,20 @@ class MedNeXtTrainer_Lk5(MedNeXtTrainer):  # noqa: N801
     kernel_size = 5
 
 
+class MedNeXtTrainer_V2Basek3(MedNeXtTrainer):  # noqa: N801
+    """MedNeXt-v2 Base (C=32, GRN in every block), kernel 3, the reference v1 recipe."""
+
+    preset = "V2-BASE"
+    kernel_size = 3
+
+
+class MedNeXtTrainer_V2Widek3(MedNeXtTrainer):  # noqa: N801
+    """MedNeXt-v2 Wide (C=64, GRN in every block), kernel 3, the reference v1 recipe."""
+
+    preset = "V2-WIDE"
+    kernel_size = 3
+
+
 TRAINERS: dict[str, type[MedNeXtTrainer]] = {
     cls.__name__: cls
     for cls in (
@@ -635,20 +677,24 @@ TRAINERS: dict[str, type[MedNeXtTrainer]] = {
         MedNeXtTrainer_Mk5,
         MedNeXtTrainer_Lk3,
         MedNeXtTrainer_Lk5,
+        MedNeXtTrainer_V2Basek3,
+        MedNeXtTrainer_V2Widek3,
     )
 }
 
 
 def get_trainer_class(preset: str, kernel: int) -> type[MedNeXtTrainer]:
-    """The trainer class of a preset (S, B, M, L) and an odd kernel size: the written-out class for
-    kernels 3 and 5, else one made on first use with the same recipe and the name nnU-Net expects
-    (``MedNeXtTrainer_Sk7``), registered in :data:`TRAINERS` so that the engine finds it by name."""
+    """The trainer class of a preset (S, B, M, L, V2-BASE, V2-WIDE) and an odd kernel size: the
+    written-out class where there is one (kernels 3 and 5 of v1, 3 of v2), else one made on first use
+    with the same recipe and the name nnU-Net expects (``MedNeXtTrainer_Sk7``), registered in
+    :data:`TRAINERS` so that the engine finds it by name."""
     name = trainer_class_name(preset, kernel)
     if name in TRAINERS:
         return TRAINERS[name]
-    if str(preset).upper() not in ("S", "B", "M", "L") or int(kernel) < 1 or int(kernel) % 2 == 0:
+    if str(preset).upper() not in PRESETS or int(kernel) < 1 or int(kernel) % 2 == 0:
         raise ValueError(
-            f"no trainer for model {preset!r} kernel {kernel!r}; use --model S|B|M|L and an odd --kernel (3, 5, 7, ...)"
+            f"no trainer for model {preset!r} kernel {kernel!r}; use --model S|B|M|L|v2-base|v2-wide and an odd "
+            "--kernel (3, 5, 7, ...)"
         )
 
     class OtherKernelTrainer(MedNeXtTrainer):

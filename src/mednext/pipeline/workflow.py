@@ -24,6 +24,7 @@ from mednext.errors import UserError
 from mednext.files import atomic_write, atomic_write_json, atomic_write_text
 from mednext.pipeline.datasets import resolve_dataset
 from mednext.pipeline.integrity import check_complete
+from mednext.pipeline.trainer import parse_trainer_name
 from mednext.pipeline.workdir import results_folder
 
 __all__ = ["apply_postprocessing", "ensemble", "find_best", "trained_models"]
@@ -124,11 +125,13 @@ def inference_commands(best: dict) -> str:
     for member, out in zip(members, outputs, strict=True):
         trainer, plans, configuration = member["trainer"], member["plans_identifier"], member["configuration"]
         npz = " --save-probabilities" if len(members) > 1 else ""
-        if trainer.startswith(_TRAINER + "_") and "k" in trainer:
-            preset, kernel = trainer.removeprefix(_TRAINER + "_").split("k", 1)
+        parsed = parse_trainer_name(trainer)
+        if parsed is not None:
+            preset, kernel = parsed
             lines.append(
                 f"mednext predict -i INPUT_FOLDER -o {out} --dataset {dataset} --config {configuration} --model "
-                f"{preset} --kernel {kernel} --plans {plans} --fold {folds}{npz}"
+                f"{preset.lower() if preset.startswith('V2') else preset} --kernel {kernel} --plans {plans} "
+                f"--fold {folds}{npz}"
             )
         else:  # one of nnU-Net's own trainers
             lines.append(

@@ -12,6 +12,13 @@ Pure functions of state dicts (state dict in, state dict out), like timm's ``che
   GRN the identity, so outputs are unchanged.
 - ``"mednext"``: our own names (the reference's).
 
+Another implementation's names are one :class:`KeyTable` (module prefixes with their stage-index
+maps, parameter renames), read in both directions by :func:`rename_keys`; ``MONAI_KEYS`` is MONAI's.
+MedNeXt-v2's official weights (announced for nnU-Net, not published) will be one more table and one
+more layout name. MedNeXt-v2 state dicts already load in our names and in MONAI's names (GRN in
+``down_0`` tells :func:`infer_config` it is v2); MONAI's own network cannot run them (no GRN in its
+down blocks, GRN normalised by the channel mean), so :func:`to_monai` refuses such a model.
+
 :func:`infer_config` reads the network's arguments from a state dict's shapes; what the weights
 cannot tell (strides, group vs layer norm, the in-block residual switch) defaults to the paper's
 values and can be overridden with keyword arguments.
@@ -32,11 +39,14 @@ from mednext.nn.mednext import MedNeXt
 __all__ = [
     "CONFIG_KEYS",
     "LAYOUTS",
+    "MONAI_KEYS",
     "SHOW_KEYS",
     "LoadReport",
     "convert_state_dict",
+    "KeyTable",
     "describe_keys",
     "infer_config",
+    "rename_keys",
     "require_tensor",
     "to_monai",
     "to_reference_state_dict",
@@ -56,6 +66,93 @@ _OUR_KEY = re.compile(
 )
 _MONAI_ONLY = re.compile(r"^(?:enc_stages|down_blocks|up_blocks|dec_stages|out_blocks)\.")
 _OURS_ONLY = re.compile(r"^(?:enc_block_\d+|down_\d+|up_\d+|dec_block_\d+|out_[1-9]\d*)\.")
+
+
+# ----------------------------------------------------------------------------- key tables
+
+
+@dataclass(frozen=True)
+class KeyTable:
+    """How another implementation names a MedNeXt's tensors, as one table read in both directions.
+
+    ``modules`` rows are ``(our prefix, their prefix, index map)``; a prefix may hold ``{i}``, a stage or
+    head index, which the map turns into theirs and back: ``"same"``, ``"reversed"`` (``n - 1 - i``,
+    deepest first) or ``"from_bottleneck"`` (``n - i``). Each map is its own inverse. Rows are tried in
+    order and the first whose prefix matches wins. ``parameters`` rows rename a key's last part
+    (``grn_gamma`` and theirs). A key that no row matches cannot be placed.
+    """
+
+    name: str
+    modules: tuple[tuple[str, str, str], ...]
+    parameters: tuple[tuple[str, str], ...] = ()
+
+
+# index maps, each its own inverse, with the indices they accept (of n stages)
+_INDEX_MAPS = {
+    "same": (lambda i, n: i, lambda n: range(n)),
+    "reversed": (lambda i, n: n - 1 - i, lambda n: range(n)),
+    "from_bottleneck": (lambda i, n: n - i, lambda n: range(1, n + 1)),
+}
+
+# MONAI's ``monai.networks.nets.MedNeXt`` (MONAI >= 1.5).
+MONAI_KEYS = KeyTable(
+    name="monai",
+    modules=(
+        ("stem.", "stem.", "same"),
+        ("enc_block_{i}.", "enc_stages.{i}.", "same"),
+        ("down_{i}.", "down_blocks.{i}.", "same"),
+        ("bottleneck.", "bottleneck.", "same"),
+        ("up_{i}.", "up_blocks.{i}.", "reversed"),
+        ("dec_block_{i}.", "dec_stages.{i}.", "reversed"),
+        ("out_0.", "out_0.", "same"),
+        ("out_{i}.", "out_blocks.{i}.", "from_bottleneck"),  # out_blocks.0 reads the bottleneck
+    ),
+    parameters=(("grn_gamma", "global_resp_gamma"), ("grn_beta", "global_resp_beta")),
+)
+
+
+def _prefix_pattern(template: str) -> re.Pattern[str]:
+    return re.compile("^" + re.escape(template).replace(re.escape("{i}"), r"(\d+)"))
+
+
+def rename_keys(
+    state_dict: Mapping[str, torch.Tensor], table: KeyTable, num_stages: int, *, to_ours: bool
+) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
+    """``state_dict`` renamed by ``table`` into our names (``to_ours``) or into the table's.
+
+    Returns the renamed dict, each new key's original key, and the keys that no row places (left out),
+    in order. ``num_stages`` is the network's ``n``; an index outside the network's range is unplaced."""
+    src, dst = (1, 0) if to_ours else (0, 1)
+    rows = [(_prefix_pattern(row[src]), row[dst], row[2]) for row in table.modules]
+    renamed: dict[str, torch.Tensor] = {}
+    origins: dict[str, str] = {}
+    unplaced = []
+    for key, value in state_dict.items():
+        new = None
+        for pattern, template, index_map in rows:
+            m = pattern.match(key)
+            if m is None:
+                continue
+            if m.groups():
+                index = int(m.group(1))
+                mapping, valid = _INDEX_MAPS[index_map]
+                if (mapping(index, num_stages) if to_ours else index) not in valid(num_stages):
+                    break  # checked on our side: ours is n - 1 at most (n for the heads)
+                head = template.replace("{i}", str(mapping(index, num_stages)))
+            else:
+                head = template
+            rest = key[m.end() :]
+            for ours_name, theirs_name in table.parameters:
+                old, repl = (theirs_name, ours_name) if to_ours else (ours_name, theirs_name)
+                if rest == old or rest.endswith("." + old):
+                    rest = rest[: len(rest) - len(old)] + repl
+            new = head + rest
+            break
+        if new is None or new in renamed:
+            unplaced.append(key)
+            continue
+        renamed[new], origins[new] = value, key
+    return renamed, origins, unplaced
 
 
 # ----------------------------------------------------------------------------- reports
@@ -179,39 +276,22 @@ def _stage_count(sd: Mapping[str, torch.Tensor], prefix: str, origin: str) -> in
 
 def _monai_to_ours(sd: dict[str, torch.Tensor], report: LoadReport) -> dict[str, torch.Tensor]:
     n = _stage_count(sd, "down_blocks.", report.origin)
-    out: dict[str, torch.Tensor] = {}
-    unplaced = []
-    for key, value in sd.items():
-        new = key.replace("global_resp_gamma", "grn_gamma").replace("global_resp_beta", "grn_beta")
-        if m := re.match(r"^enc_stages\.(\d+)\.(.+)$", new):
-            new = f"enc_block_{m.group(1)}.{m.group(2)}"
-        elif m := re.match(r"^down_blocks\.(\d+)\.(.+)$", new):
-            new = f"down_{m.group(1)}.{m.group(2)}"
-        elif (m := re.match(r"^up_blocks\.(\d+)\.(.+)$", new)) and int(m.group(1)) < n:
-            new = f"up_{n - 1 - int(m.group(1))}.{m.group(2)}"
-        elif (m := re.match(r"^dec_stages\.(\d+)\.(.+)$", new)) and int(m.group(1)) < n:
-            new = f"dec_block_{n - 1 - int(m.group(1))}.{m.group(2)}"
-        elif (m := re.match(r"^out_blocks\.(\d+)\.(.+)$", new)) and int(m.group(1)) < n:
-            new = f"out_{n - int(m.group(1))}.{m.group(2)}"  # out_blocks.0 reads the bottleneck
-        elif _OURS_ONLY.match(new):
-            new = ""  # a reference name inside a MONAI dict cannot be placed
-        if not new or not _OUR_KEY.match(new):
-            unplaced.append(key)
-            continue
-        if new.endswith("norm.weight") and value.ndim > 1:
-            raise LayoutError(
-                f"{report.origin}: {key!r} has shape {tuple(value.shape)}: this model was built with MONAI's "
-                "norm_type='layer', a LayerNorm over (channels, kernel, kernel[, kernel]) that only runs on inputs "
-                "the size of the kernel. It is not a channel LayerNorm and has no equivalent in the paper or in "
-                "mednext; such weights cannot be converted. Use a model trained with norm_type='group'"
-            )
-        if new != key:
-            report.renamed[key] = new
-        out[new] = value
+    foreign = [k for k in sd if _OURS_ONLY.match(k)]  # a reference name inside a MONAI dict cannot be placed
+    out, origins, unplaced = rename_keys({k: v for k, v in sd.items() if k not in foreign}, MONAI_KEYS, n, to_ours=True)
+    unplaced = foreign + unplaced + [origins.pop(k) for k in list(out) if not _OUR_KEY.match(k)]
     if unplaced:
         raise LayoutError(
             f"{report.origin}: MONAI layout, but these keys could not be placed: {describe_keys(unplaced)}"
         )
+    for key, value in out.items():
+        if key.endswith("norm.weight") and value.ndim > 1:
+            raise LayoutError(
+                f"{report.origin}: {origins[key]!r} has shape {tuple(value.shape)}: this model was built with "
+                "MONAI's norm_type='layer', a LayerNorm over (channels, kernel, kernel[, kernel]) that only runs on "
+                "inputs the size of the kernel. It is not a channel LayerNorm and has no equivalent in the paper or "
+                "in mednext; such weights cannot be converted. Use a model trained with norm_type='group'"
+            )
+    report.renamed.update({origins[k]: k for k in out if origins[k] != k})
     # MONAI builds no GRN in its down blocks; ours has it in down_1..down_n-1. Zeros make it the identity.
     if any(k.endswith("grn_gamma") for k in out):
         for i in range(1, n):
@@ -315,12 +395,22 @@ CONFIG_KEYS = (
 )  # fmt: skip
 
 
+def _inferred_grn(sd: Mapping[str, torch.Tensor]) -> bool | dict[str, str]:
+    """GRN as the weights show it: none, in every block but down_0 (True: the reference v1's, channel
+    mean), or in down_0 too, which only MedNeXt-v2 has: v2's GRN (channel sum). The normalisation is
+    not in the weights; ``grn=...`` overrides it."""
+    if not any(k.endswith("grn_gamma") for k in sd):
+        return False
+    return {"where": "all", "norm": "sum"} if "down_0.grn_gamma" in sd else True
+
+
 def infer_config(state_dict: Mapping[str, torch.Tensor], **overrides: Any) -> dict[str, Any]:
     """Infer :class:`MedNeXt` arguments from a state dict with mednext names.
 
     Shapes give: 2D/3D, in_channels, num_classes, width, number of stages, block counts,
-    expansion ratios (blocks, down and up blocks), kernel sizes, GRN, the resampling residual
-    and the deep-supervision heads. They cannot give strides (default 2 per stage), the norm
+    expansion ratios (blocks, down and up blocks), kernel sizes, where GRN sits (with GRN in
+    ``down_0``, which only MedNeXt-v2 has, its channel-sum normalisation is assumed), the
+    resampling residual and the deep-supervision heads. They cannot give strides (default 2 per stage), the norm
     ('group' and 'layer' have the same parameters; default 'group'), the in-block residual
     (default on) or gradient checkpointing (default off): pass those as ``overrides``, which
     also replace any inferred value.
@@ -387,7 +477,7 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], **overrides: Any) -> di
         "residual": True,
         "resample_residual": "down_0.res_conv.weight" in sd,
         "norm": "group",
-        "grn": any(k.endswith("grn_gamma") for k in sd),
+        "grn": _inferred_grn(sd),
         "deep_supervision": bool(heads),
         "grad_checkpointing": False,
     }
@@ -444,11 +534,18 @@ def to_monai(model: MedNeXt) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     if c["norm"] != "group":
         problems.append("norm='layer' (MONAI's layer norm is a different, kernel-sized LayerNorm)")
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    for i in range(1, n):
+    for i in range(n):
         for name in ("grn_gamma", "grn_beta"):
             value = sd.pop(f"down_{i}.{name}", None)
             if value is not None and bool(value.any()):
                 problems.append(f"down_{i}.{name} is not zero (MONAI's down blocks have no GRN)")
+    grn = c["grn"]
+    if (
+        isinstance(grn, dict)
+        and grn["norm"] == "sum"
+        and any(v.any() for k, v in sd.items() if k.endswith("grn_gamma"))
+    ):
+        problems.append("GRN normalised by the channels' summed norm (MONAI's GRN uses their mean)")
     if problems:
         raise ValueError("this model cannot be expressed as a MONAI MedNeXt: " + "; ".join(problems))
     kwargs = {
@@ -466,20 +563,9 @@ def to_monai(model: MedNeXt) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         "blocks_bottleneck": blocks[n],
         "blocks_up": blocks[n + 1 :],
         "norm_type": "group",
-        "global_resp_norm": c["grn"],
+        "global_resp_norm": bool(c["grn"]),
     }
-    out = {}
-    for key, value in sd.items():
-        new = key.replace("grn_gamma", "global_resp_gamma").replace("grn_beta", "global_resp_beta")
-        if m := re.match(r"^enc_block_(\d+)\.(.+)$", new):
-            new = f"enc_stages.{m.group(1)}.{m.group(2)}"
-        elif m := re.match(r"^down_(\d+)\.(.+)$", new):
-            new = f"down_blocks.{m.group(1)}.{m.group(2)}"
-        elif m := re.match(r"^up_(\d+)\.(.+)$", new):
-            new = f"up_blocks.{n - 1 - int(m.group(1))}.{m.group(2)}"
-        elif m := re.match(r"^dec_block_(\d+)\.(.+)$", new):
-            new = f"dec_stages.{n - 1 - int(m.group(1))}.{m.group(2)}"
-        elif (m := re.match(r"^out_(\d+)\.(.+)$", new)) and m.group(1) != "0":
-            new = f"out_blocks.{n - int(m.group(1))}.{m.group(2)}"
-        out[new] = value
+    out, _, unplaced = rename_keys(sd, MONAI_KEYS, n, to_ours=False)
+    if unplaced:
+        raise ValueError(f"keys with no MONAI name: {describe_keys(unplaced)}")
     return kwargs, out

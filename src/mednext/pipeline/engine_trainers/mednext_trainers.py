@@ -7,19 +7,15 @@ odd kernels (``MedNeXtTrainer_Sk7``), made on first use by ``get_trainer_class``
 
 from __future__ import annotations
 
-import re
-
-from mednext.pipeline.trainer import TRAINERS, get_trainer_class
-
-_OTHER_KERNEL = re.compile(r"^MedNeXtTrainer_([SBML])k(\d+)$")
+from mednext.pipeline.trainer import TRAINERS, get_trainer_class, parse_trainer_name
 
 
 def __getattr__(name: str) -> type:
     if name in TRAINERS:
         return TRAINERS[name]
-    match = _OTHER_KERNEL.match(name)
-    if match is not None and int(match.group(2)) % 2 == 1:
-        return get_trainer_class(match.group(1), int(match.group(2)))
+    parsed = parse_trainer_name(name)
+    if parsed is not None and parsed[1] % 2 == 1:
+        return get_trainer_class(*parsed)
     raise AttributeError(name)
 
 
