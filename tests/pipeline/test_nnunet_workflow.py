@@ -84,7 +84,7 @@ def test_engine_finds_best_configuration_and_ensembles_mednext(trained: Path, ca
 
 def test_mednext_env_prints_what_nnunet_commands_need(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "mednext", "env", "--workdir", str(tmp_path / "w")],
-                          capture_output=True, text=True, check=True)  # fmt: skip
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", check=True)  # fmt: skip
     lines = dict(line.removeprefix("export ").split("=", 1) for line in proc.stdout.splitlines())
     assert lines["nnUNet_results"] == str((tmp_path / "w" / "nnUNet_results").absolute())
     folder = lines["nnUNet_extTrainer"]
@@ -101,7 +101,9 @@ def test_mednext_env_prints_what_nnunet_commands_need(tmp_path: Path) -> None:
         "assert find('nnUNetTrainer') is None\n"
         "print('found')"
     )
-    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    found = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", errors="replace"
+    )
     assert found.returncode == 0 and "found" in found.stdout, found.stderr[-2000:]
 
 
@@ -125,7 +127,14 @@ def test_engine_finds_mednext_trainers_by_name(tmp_path: Path) -> None:
         "assert find('MedNeXtTrainer_Lk5') is t.MedNeXtTrainer_Lk5\n"
         "print('found')"
     )
-    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ))
+    found = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        env=dict(os.environ),
+    )
     assert found.returncode == 0 and "found" in found.stdout, found.stderr[-2000:]
 
 

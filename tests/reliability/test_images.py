@@ -223,3 +223,15 @@ def test_cut_off_reference_is_refused_at_evaluate(tmp_path: Path, capsys) -> Non
     err = capsys.readouterr().err
     assert str(ref / "c1.nii.gz") in err and "cut off" in err
     assert not (tmp_path / "m.json").exists()
+
+
+def test_reading_dicom_leaves_the_locale_as_it_was(tmp_path: Path, capsys, model) -> None:
+    # GDCM sets the process's locale to "C"; Python then opens text files as ASCII by default
+    import locale
+
+    before = (locale.setlocale(locale.LC_ALL), locale.getpreferredencoding(False))
+    _series(tmp_path)
+    locale.setlocale(locale.LC_ALL, before[0])  # writing the test series went through GDCM too
+    code, err = _predict(capsys, "-i", tmp_path / "series", "-o", tmp_path / "out", *model)
+    assert code == 0, err
+    assert (locale.setlocale(locale.LC_ALL), locale.getpreferredencoding(False)) == before

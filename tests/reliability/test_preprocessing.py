@@ -48,7 +48,16 @@ def _plan_killed(tmp_path: Path, src: Path, after: int) -> None:
            "KILL_AFTER_CASES": str(after), "nnUNet_def_n_proc": "1"}  # fmt: skip
     cmd = [sys.executable, "-m", "mednext", "plan", str(src), "--workdir", str(tmp_path / "work"),
            "--num-processes", "1", "--configs", "3d_fullres"]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, start_new_session=True, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        cmd,
+        env=env,
+        start_new_session=True,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=300,
+    )
     assert proc.returncode == -9, proc.stderr[-2000:]
 
 

@@ -50,7 +50,7 @@ def _killed(tmp_path: Path, method: str, after: int, *argv: str) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]),
            "KILL_AFTER": str(after), "KILL_METHOD": method}  # fmt: skip
     proc = subprocess.run([sys.executable, "-m", "mednext", *argv], env=env, start_new_session=True,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)  # fmt: skip
     assert proc.returncode == -9, proc.stdout[-1000:] + proc.stderr[-2000:]
 
 

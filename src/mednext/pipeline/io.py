@@ -7,10 +7,13 @@ once to the dataset's file ending so that the engine's own reader reads them lik
 
 from __future__ import annotations
 
+import functools
+import locale
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from mednext.errors import ImageReadError
 from mednext.files import check_plain_name
@@ -20,6 +23,7 @@ from mednext.files import check_plain_name
 IMAGE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha", ".gipl", ".png", ".bmp", ".tif", ".tiff")
 # Endings SimpleITK can write a 3D volume to (for DICOM conversion).
 _VOLUME_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha", ".gipl")
+T = TypeVar("T")
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
@@ -154,6 +158,23 @@ def cases_from_folder(folder: Path, ending: str, num_channels: int) -> list[Inpu
     return [cases[k] for k in sorted(cases)]
 
 
+def _locale_kept(function: Callable[..., T]) -> Callable[..., T]:
+    """Run ``function`` and put the process's locale back afterwards: GDCM (SimpleITK's DICOM
+    reader and writer) sets it to "C", after which Python opens text files as ASCII by default,
+    in our code's process and in the engine's."""
+
+    @functools.wraps(function)
+    def kept(*args: Any, **kwargs: Any) -> T:
+        saved = locale.setlocale(locale.LC_ALL)
+        try:
+            return function(*args, **kwargs)
+        finally:
+            locale.setlocale(locale.LC_ALL, saved)
+
+    return kept
+
+
+@_locale_kept
 def dicom_series(folder: Path) -> list[str]:
     """The DICOM series ids in ``folder`` (empty if it holds none)."""
     import SimpleITK as sitk
@@ -184,6 +205,7 @@ class SlicePositions:
     direction: tuple[float, ...]  # SimpleITK's row-major 3x3: columns are row, column and normal directions
 
 
+@_locale_kept
 def slice_positions(files: list[str]) -> SlicePositions | None:
     """Positions of each slice along the normal of its orientation (DICOM tags 0020,0032 and
     0020,0037), sorted; None when a slice lacks either tag."""
@@ -231,6 +253,7 @@ def irregularities(positions: list[float]) -> tuple[float, list[str]]:
     return typical, found
 
 
+@_locale_kept
 def regular_volume(series: SlicePositions, spacing: float) -> Any:
     """The series resampled onto slices ``spacing`` mm apart from its first slice, each slice
     interpolated linearly between the two read slices around its position (duplicates: the first)."""
@@ -259,6 +282,7 @@ def regular_volume(series: SlicePositions, spacing: float) -> Any:
     return image
 
 
+@_locale_kept
 def cases_from_dicom(
     folder: Path, ending: str, num_channels: int, workspace: Path, allow_irregular_slices: bool = False
 ) -> list[InputCase]:
