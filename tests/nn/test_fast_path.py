@@ -105,10 +105,17 @@ def test_fast_path_under_cpu_bfloat16_autocast():
 
 def test_fast_path_traces_as_one_graph_for_torch_compile():
     # The layers read mednext.config each time they run; that read must not break torch.compile's graph
-    # (a lock, say, would split the network into one graph per layer).
+    # (a lock, say, would split the network into one graph per layer). A compiled network runs its plain
+    # path on the CPU (docs/decisions.md), so the fast path's layers are traced on a block's channels-last
+    # input; the network is traced too.
     import torch._dynamo
+
+    from mednext.nn import MedNeXtBlock
+    from mednext.nn.layers import channels_last
 
     torch.manual_seed(0)
     model = MedNeXt(1, 2, width=8, strides=[2, 2], kernel_sizes=3).eval()
-    explained = torch._dynamo.explain(model)(torch.randn(1, 1, 16, 16, 16))
-    assert explained.graph_break_count == 0, [str(r.reason)[:200] for r in explained.break_reasons]
+    block = MedNeXtBlock(8, 8, 2, 3).eval()
+    for module, x in ((model, torch.randn(1, 1, 16, 16, 16)), (block, channels_last(torch.randn(1, 8, 6, 6, 6)))):
+        explained = torch._dynamo.explain(module)(x)
+        assert explained.graph_break_count == 0, [str(r.reason)[:200] for r in explained.break_reasons]

@@ -143,7 +143,9 @@ def test_monai_grn_loads_with_zero_down_grn(dims):
     x = torch.randn(1, 2, *SIZES[dims])
     for training in (False, True):
         for a, b in zip(outputs(ours, x, training), outputs(theirs, x, training)):
-            assert relative_error(a, b) < 1e-5
+            # float32 rounding: our GRN computes x * (1 + gamma * nx) + beta, MONAI's gamma * (x * nx) + beta + x
+            # (the same function, tests/nn/test_v2.py; measured up to 1.03e-5 here)
+            assert relative_error(a, b) < 3e-5
     # and back: the zero down-block GRN tensors are dropped again
     kwargs, sd = to_monai(ours)
     again = monai_nets.MedNeXt(**kwargs)

@@ -3,10 +3,10 @@
 
 Roy et al., "MedNeXt: Transformer-driven Scaling of ConvNets for Medical Image
 Segmentation", MICCAI 2023; Roy et al., "MedNeXt-v2: Scaling 3D ConvNeXts for Large-Scale
-Supervised Representation Learning in Medical Image Segmentation", arXiv 2512.17774. Module and parameter names follow the reference
-implementation (``stem``, ``enc_block_{i}``, ``down_{i}``, ``bottleneck``,
-``up_{i}``, ``dec_block_{i}``, ``out_{i}.conv_out``) so that reference state
-dicts load without renaming.
+Supervised Representation Learning in Medical Image Segmentation", arXiv 2512.17774. Module
+and parameter names follow the reference implementation (``stem``, ``enc_block_{i}``,
+``down_{i}``, ``bottleneck``, ``up_{i}``, ``dec_block_{i}``, ``out_{i}.conv_out``) so that
+reference state dicts load without renaming.
 """
 
 from __future__ import annotations
