@@ -171,7 +171,7 @@ def test_mednext_find_best_then_its_commands(trained: Path, capsys) -> None:
     for configuration in ("3d_fullres", "2d"):
         out = trained / f"cli_{configuration}"
         assert main(["predict", "-i", str(raw), "-o", str(out), "--dataset", "981", "--config", configuration,
-                     "--fold", "0", "1", "--save-probabilities", "--no-tta", "--device", "cpu", *work]) == 0  # fmt: skip
+                     "--model", "S", "--kernel", "3", "--fold", "0", "1", "--save-probabilities", "--no-tta", "--device", "cpu", *work]) == 0  # fmt: skip
         outs.append(out)
     assert main(["ensemble", "-i", *map(str, outs), "-o", str(trained / "cli_ens")]) == 0
     case = "case_001"

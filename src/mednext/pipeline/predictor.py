@@ -291,8 +291,8 @@ def network_from_results_folder(folder: str | os.PathLike, state_dict: dict[str,
     parts = folder.name.split("__")
     if len(parts) != 3:
         raise ValueError(f"{folder} is not a results folder named <trainer>__<plans>__<configuration>")
-    plans = json.loads((folder / "plans.json").read_text())
-    dataset_json = json.loads((folder / "dataset.json").read_text())
+    plans = json.loads((folder / "plans.json").read_text(encoding="utf-8"))
+    dataset_json = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
     network = _match_heads(build_network(plans, parts[2], dataset_json), state_dict)
     try:
         network.load_state_dict(state_dict)
