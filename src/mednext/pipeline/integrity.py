@@ -23,7 +23,9 @@ import os
 import re
 import struct
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -79,11 +81,64 @@ def _gzip_length(path: Path, source: Path | None = None, offset: int = 0) -> int
     return total
 
 
+@dataclass(frozen=True)
+class _NiftiHeader:
+    """The fields of a NIfTI-1 (348-byte) or NIfTI-2 (540-byte) header that locate the voxel data."""
+
+    size: int
+    endian: str
+    datatype: int
+    bitpix: int
+    dims: tuple[int, ...]
+    offset: int
+
+    @property
+    def voxels(self) -> int | None:
+        """The voxel count, or None when the dimensions make no sense."""
+        rank = self.dims[0]
+        return math.prod(max(1, int(d)) for d in self.dims[1 : rank + 1]) if 1 <= rank <= 7 else None
+
+    @property
+    def data_start(self) -> int:
+        return max(self.offset, self.size)
+
+
+def _open_image(path: Path) -> Any:
+    """``path`` opened for reading bytes, through gzip when it is compressed."""
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+
+
+def _nifti_size(head: bytes) -> tuple[str, int] | None:
+    """(byte order, header size) when ``head`` starts a NIfTI-1/2 header, else None."""
+    for endian in "<>":
+        size = struct.unpack(endian + "i", head[:4])[0] if len(head) >= 4 else 0
+        if size in (348, 540):
+            return endian, size
+    return None
+
+
+def _nifti_header(head: bytes, endian: str, size: int) -> _NiftiHeader:
+    """The header's fields; ``head`` holds at least ``size`` bytes."""
+    if size == 348:
+        return _NiftiHeader(
+            size, endian,
+            datatype=struct.unpack(endian + "h", head[70:72])[0],
+            bitpix=struct.unpack(endian + "h", head[72:74])[0],
+            dims=struct.unpack(endian + "8h", head[40:56]),
+            offset=int(struct.unpack(endian + "f", head[108:112])[0]),
+        )  # fmt: skip
+    return _NiftiHeader(
+        size, endian,
+        datatype=struct.unpack(endian + "h", head[12:14])[0],
+        bitpix=struct.unpack(endian + "h", head[14:16])[0],
+        dims=struct.unpack(endian + "8q", head[16:80]),
+        offset=int(struct.unpack(endian + "q", head[168:176])[0]),
+    )  # fmt: skip
+
+
 def _nifti(path: Path) -> None:
-    compressed = path.name.lower().endswith(".gz")
-    opener = gzip.open if compressed else open
     try:
-        with opener(path, "rb") as fh:
+        with _open_image(path) as fh:
             head = fh.read(540)
     except EOFError:
         raise ImageReadError(
@@ -96,28 +151,16 @@ def _nifti(path: Path) -> None:
         ) from None
     if len(head) < 348:
         raise _cut_off(path, len(head), 348)
-    for endian in "<>":
-        size = struct.unpack(endian + "i", head[:4])[0]
-        if size in (348, 540):
-            break
-    else:
+    kind = _nifti_size(head)
+    if kind is None:
         return  # not a NIfTI header: leave the file to the reader, which refuses it with its own message
-    if size == 348:
-        dims = struct.unpack(endian + "8h", head[40:56])
-        bitpix = struct.unpack(endian + "h", head[72:74])[0]
-        offset = int(struct.unpack(endian + "f", head[108:112])[0])
-    else:
-        if len(head) < 540:
-            raise _cut_off(path, len(head), 540)
-        bitpix = struct.unpack(endian + "h", head[14:16])[0]
-        dims = struct.unpack(endian + "8q", head[16:80])
-        offset = struct.unpack(endian + "q", head[168:176])[0]
-    rank = dims[0]
-    if not 1 <= rank <= 7 or bitpix <= 0:
+    if len(head) < kind[1]:
+        raise _cut_off(path, len(head), kind[1])
+    header = _nifti_header(head, *kind)
+    if header.voxels is None or header.bitpix <= 0:
         return
-    voxels = math.prod(max(1, int(d)) for d in dims[1 : rank + 1])
-    need = max(offset, size) + voxels * bitpix // 8
-    have = _gzip_length(path) if compressed else path.stat().st_size
+    need = header.data_start + header.voxels * header.bitpix // 8
+    have = _gzip_length(path) if path.name.lower().endswith(".gz") else path.stat().st_size
     if have < need:
         raise _cut_off(path, have, need)
 
@@ -222,27 +265,16 @@ def check_complete(path: str | os.PathLike[str]) -> None:
 
 def _nifti_float_voxels(path: Path) -> tuple[np.dtype, int, int] | None:
     """(dtype, data offset, voxel count) of a NIfTI file stored as float32/float64, else None."""
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rb") as fh:
+    with _open_image(path) as fh:
         head = fh.read(540)
-    for endian in "<>":
-        size = struct.unpack(endian + "i", head[:4])[0] if len(head) >= 4 else 0
-        if size in (348, 540):
-            break
-    else:
+    kind = _nifti_size(head)
+    if kind is None or len(head) < kind[1]:
         return None
-    if size == 348:
-        datatype = struct.unpack(endian + "h", head[70:72])[0]
-        dims = struct.unpack(endian + "8h", head[40:56])
-        offset = int(struct.unpack(endian + "f", head[108:112])[0])
-    else:
-        datatype = struct.unpack(endian + "h", head[12:14])[0]
-        dims = struct.unpack(endian + "8q", head[16:80])
-        offset = int(struct.unpack(endian + "q", head[168:176])[0])
-    kind = {16: "f4", 64: "f8"}.get(datatype)
-    if kind is None or not 1 <= dims[0] <= 7:
+    header = _nifti_header(head, *kind)
+    dtype = {16: "f4", 64: "f8"}.get(header.datatype)
+    if dtype is None or header.voxels is None:
         return None
-    return np.dtype(endian + kind), max(offset, size), math.prod(max(1, int(d)) for d in dims[1 : dims[0] + 1])
+    return np.dtype(header.endian + dtype), header.data_start, header.voxels
 
 
 def _nifti_non_finite(path: Path) -> tuple[int, int, int]:
@@ -252,10 +284,9 @@ def _nifti_non_finite(path: Path) -> tuple[int, int, int]:
     if found is None:
         return 0, 0, 0
     dtype, offset, voxels = found
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
     nan = inf = 0
     step = (_CHUNK // dtype.itemsize) * dtype.itemsize
-    with opener(path, "rb") as fh:
+    with _open_image(path) as fh:
         fh.seek(offset)
         left = voxels * dtype.itemsize
         while left > 0 and (chunk := fh.read(min(step, left))):

@@ -68,6 +68,11 @@ def _raw_sizes(raw: Path) -> dict[str, list[int]]:
     return {case: [Path(f).stat().st_size for f in paths] for case, paths in raw_case_files(raw).items()}
 
 
+def _differences(found: Sequence[tuple[str, set[str]]]) -> str:
+    """``"label: a, b; label: c"`` for the non-empty sets of ``(label, case ids)``, '' if all are empty."""
+    return "; ".join(f"{label}: {_named(ids)}" for label, ids in found if ids)
+
+
 def _named(ids: Sequence[str]) -> str:
     ids = sorted(ids)
     return ", ".join(ids[:MAX_NAMED]) + (f" and {len(ids) - MAX_NAMED} more" if len(ids) > MAX_NAMED else "")
@@ -120,16 +125,11 @@ def check_preprocessed(dataset_name: str, configuration: str, data_identifier: s
     missing = set(recorded) - set(found)
     extra = set(found) - set(recorded)
     changed = {c for c in set(recorded) & set(found) if recorded[c] != found[c]}
-    if missing or extra or changed:
-        parts = [
-            f"{label}: {_named(ids)}"
-            for label, ids in (("missing", missing), ("not written by the plan", extra), ("changed", changed))
-            if ids
-        ]
+    differences = _differences((("missing", missing), ("not written by the plan", extra), ("changed", changed)))
+    if differences:
         raise DatasetError(
-            f"the preprocessed data {base / data_identifier} differs from what 'mednext plan' wrote ("
-            + "; ".join(parts)
-            + f"); {replan}"
+            f"the preprocessed data {base / data_identifier} differs from what 'mednext plan' wrote "
+            f"({differences}); {replan}"
         )
     raw = raw_folder() / dataset_name
     if entry.get("raw") is not None and (raw / "dataset.json").is_file():
@@ -137,16 +137,10 @@ def check_preprocessed(dataset_name: str, configuration: str, data_identifier: s
         before = entry["raw"]
         added, removed = set(now) - set(before), set(before) - set(now)
         resized = {c for c in set(now) & set(before) if now[c] != before[c]}
-        if added or removed or resized:
-            parts = [
-                f"{label}: {_named(ids)}"
-                for label, ids in (("added", added), ("removed", removed), ("files changed", resized))
-                if ids
-            ]
+        differences = _differences((("added", added), ("removed", removed), ("files changed", resized)))
+        if differences:
             raise DatasetError(
-                f"the raw dataset {os.path.realpath(raw)} changed since it was preprocessed ("
-                + "; ".join(parts)
-                + f"); {replan}"
+                f"the raw dataset {os.path.realpath(raw)} changed since it was preprocessed ({differences}); {replan}"
             )
     return sorted(recorded)
 
@@ -163,10 +157,6 @@ def check_splits(dataset_name: str, cases: Sequence[str]) -> None:
     except (json.JSONDecodeError, TypeError, KeyError) as err:
         raise DatasetError(f"{path} is not a list of {{'train': [...], 'val': [...]}} folds ({err}); {fix}") from None
     unknown, unused = named - set(cases), set(cases) - named
-    if unknown or unused:
-        parts = [
-            f"{label}: {_named(ids)}"
-            for label, ids in (("cases not in the preprocessed data", unknown), ("cases in no fold", unused))
-            if ids
-        ]
-        raise DatasetError(f"{path} does not match the dataset's cases (" + "; ".join(parts) + f"); {fix}")
+    differences = _differences((("cases not in the preprocessed data", unknown), ("cases in no fold", unused)))
+    if differences:
+        raise DatasetError(f"{path} does not match the dataset's cases ({differences}); {fix}")
