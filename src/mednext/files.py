@@ -145,15 +145,18 @@ LOCK_NAME = ".mednext.lock"
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str | os.PathLike[str], what: str, shared: bool = False) -> Iterator[Path]:
+def folder_lock(
+    folder: str | os.PathLike[str], what: str, shared: bool = False, name: str = LOCK_NAME
+) -> Iterator[Path]:
     """Hold ``folder``'s lock (created with the folder if needed) for the block: exclusive, or
     ``shared`` with other shared holders. Another process holding it in a conflicting way is a
     FolderBusyError naming the folder and that process's command. The lock goes with the process
     (a killed run leaves nothing to clean up); its file is removed by the last holder.
-    ``what`` names the holder's command, e.g. ``"mednext plan"``."""
+    ``what`` names the holder's command, e.g. ``"mednext plan"``; ``name`` is the lock file's name
+    (another name is another lock on the same folder, e.g. one per part of a split prediction)."""
     root = Path(folder)
     root.mkdir(parents=True, exist_ok=True)
-    path = root / LOCK_NAME
+    path = root / check_plain_name(name, "lock file name")
     if fcntl is None:  # pragma: no cover - not POSIX: no locks
         yield root
         return

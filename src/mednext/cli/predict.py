@@ -24,6 +24,26 @@ def _step(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from err
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _part(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from err
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
+    return value
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "predict",
@@ -35,9 +55,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-i", "--input", required=True, help="image file, folder of images, or DICOM series folder")
     p.add_argument("-o", "--output", required=True, help="output folder (or, for one case, an output file)")
     p.add_argument("--workdir", default=None, help="working folder of plan/train (default ./mednext_work)")
-    p.add_argument("--dataset", required=True, help="dataset name (Dataset901_Name) or id (901)")
-    p.add_argument("--config", default=None, help="configuration, e.g. 3d_fullres or 2d (default: the one trained)")
-    p.add_argument("--fold", nargs="+", type=_fold, default=None, help="fold(s) to ensemble (default: all present)")
+    p.add_argument("-d", "--dataset", required=True, help="dataset name (Dataset901_Name) or id (901)")
+    p.add_argument(
+        "-c", "--config", default=None, help="configuration, e.g. 3d_fullres or 2d (default: the one trained)"
+    )
+    p.add_argument(
+        "-f", "--fold", nargs="+", type=_fold, default=None, help="fold(s) to ensemble (default: all present)"
+    )
+    p.add_argument(
+        "-tr", "--trainer", default=None,
+        help="trainer name as nnU-Net spells it, e.g. MedNeXtTrainer_Sk3 (sets --model and --kernel)",
+    )  # fmt: skip
     p.add_argument(
         "--model",
         choices=("S", "B", "M", "L", "V2-BASE", "V2-WIDE"),
@@ -46,15 +74,41 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="preset trained (S, B, M, L, v2-base, v2-wide)",
     )
     p.add_argument("--kernel", type=int, default=None, help="kernel size trained (3 or 5)")
-    p.add_argument("--plans", default=None, help="plans identifier (MedNeXtPlans or MedNeXtPlans_paper)")
+    p.add_argument("-p", "--plans", default=None, help="plans identifier (MedNeXtPlans or MedNeXtPlans_paper)")
     p.add_argument("--checkpoint", choices=("final", "best", "latest"), default="final", help="default: final")
-    p.add_argument("--device", choices=("cpu", "cuda", "mps"), default=None, help="default: cuda, else mps, else cpu")
-    p.add_argument("--no-tta", action="store_true", help="no mirroring test-time augmentation (faster)")
-    p.add_argument("--step", type=_step, default=0.5, help="sliding-window step as a fraction of the patch (0.5)")
-    p.add_argument("--save-probabilities", action="store_true", help="also write <case>.npz class probabilities")
+    p.add_argument(
+        "--device", "-device", choices=("cpu", "cuda", "mps"), default=None, help="default: cuda, else mps, else cpu"
+    )
+    p.add_argument(
+        "--no-tta", "--disable_tta", action="store_true", help="no mirroring test-time augmentation (faster)"
+    )
+    p.add_argument(
+        "--step", "-step_size", type=_step, default=0.5, help="sliding-window step as a fraction of the patch (0.5)"
+    )
+    p.add_argument(
+        "--save-probabilities", "--save_probabilities", action="store_true",
+        help="also write <case>.npz class probabilities (for mednext ensemble)",
+    )  # fmt: skip
     p.add_argument(
         "--tile-batch", type=int, default=2,
-        help="CPU: sliding-window tiles per network forward (default 2; 1 needs less memory)",
+        help="sliding-window tiles per network forward, on the CPU and CUDA (default 2; 1 needs less memory)",
+    )  # fmt: skip
+    p.add_argument(
+        "--continue-prediction", "--continue_prediction", action="store_true",
+        help="skip the cases already segmented in the output folder by the same model and settings "
+        "(a folder with another model's segmentations is refused)",
+    )  # fmt: skip
+    p.add_argument(
+        "--num-parts", "-num_parts", type=_count, default=1, metavar="N",
+        help="split the cases into N parts (every N-th case, sorted by name) to run on N machines or GPUs",
+    )  # fmt: skip
+    p.add_argument(
+        "--part-id", "-part_id", type=_part, default=0, metavar="K",
+        help="the part this command segments, 0 to N-1 (with --num-parts)",
+    )  # fmt: skip
+    p.add_argument(
+        "--no-progress-bar", "--disable_progress_bar", action="store_true",
+        help="no progress bars (a line per case is still printed); bars show only on a terminal",
     )  # fmt: skip
     p.add_argument(
         "--crop-body", action="store_true",
@@ -70,8 +124,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mednext.errors import UserError
     from mednext.pipeline.runner import PredictSettings, predict
 
+    if args.trainer is not None:
+        from mednext.pipeline.trainer import parse_trainer_name
+
+        parsed = parse_trainer_name(args.trainer)
+        if parsed is None:
+            raise UserError(
+                f"-tr {args.trainer}: mednext predicts with MedNeXtTrainer_<S|B|M|L|V2Base|V2Wide>k<odd kernel> "
+                "models (e.g. MedNeXtTrainer_Sk3); for nnU-Net's own trainers use nnUNetv2_predict"
+            )
+        for flag, given, implied in (("--model", args.model, parsed[0]), ("--kernel", args.kernel, parsed[1])):
+            if given is not None and given != implied:
+                raise UserError(f"-tr {args.trainer} means {flag} {implied}, but {flag} {given} was given; drop one")
+        args.model, args.kernel = parsed
+    if args.part_id >= args.num_parts:
+        raise UserError(
+            f"--part-id {args.part_id} must be between 0 and {args.num_parts - 1} for --num-parts {args.num_parts}"
+        )
     settings = PredictSettings(
         input_path=args.input,
         output=args.output,
@@ -90,6 +162,10 @@ def run(args: argparse.Namespace) -> int:
         tile_batch=args.tile_batch,
         crop_body=args.crop_body,
         allow_irregular_slices=args.allow_irregular_slices,
+        continue_prediction=args.continue_prediction,
+        num_parts=args.num_parts,
+        part_id=args.part_id,
+        progress_bar=False if args.no_progress_bar else None,
     )
     predict(settings)
     return 0

@@ -22,9 +22,9 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,7 @@ from mednext.files import atomic_write_json, folder_lock, inside, remove_stale_t
 from mednext.memory import keeps_freed_memory, reuse_freed_memory
 from mednext.nn import MedNeXt, safe_torch_load
 from mednext.pipeline.body import check_ct_for_body_crop, compose_with_engine_crop, crop_to_body
+from mednext.pipeline.cohort import Progress, check_parts, finished_cases, record_name, run_cases, select_part
 from mednext.pipeline.context import context_slices_of, stack_neighbour_slices
 from mednext.pipeline.datasets import DATASET_NAME
 from mednext.pipeline.integrity import check_complete, check_file_finite
@@ -329,11 +330,16 @@ class MedNeXtPredictor(nnUNetPredictor):
       folder's plans (the engine would look for the trainer class) and loads the folds' checkpoints
       without running pickled code;
     * :meth:`predict_logits_from_preprocessed_data` stacks neighbouring slices as channels for 2.5D
-      models and, on the CPU, averages the folds inside :func:`mednext.memory.reuse_freed_memory`;
-    * :meth:`predict_sliding_window_return_logits` on the CPU runs the engine's tiles, Gaussian,
-      mirroring and float16 sums, ``tile_batch`` tiles per network forward. With ``tile_batch=1`` the
-      logits equal the engine's bit for bit; more tiles per forward change the network's float32
-      rounding only. Other devices use the engine's own sliding window (float16 autocast on CUDA).
+      models and averages the folds (on the CPU inside :func:`mednext.memory.reuse_freed_memory`);
+    * :meth:`predict_sliding_window_return_logits` runs the engine's tiles, Gaussian, mirroring and
+      float16 sums, ``tile_batch`` tiles per network forward, on the CPU and on CUDA (float16
+      autocast there, as the engine). On the CPU with ``tile_batch=1`` the logits equal the
+      engine's bit for bit; more tiles per forward change the network's float32 rounding only.
+      MPS uses the engine's own sliding window.
+
+    :meth:`prepare_case`, :meth:`logits_of_prepared` and :meth:`export_case` are the three stages of
+    one case, which :func:`mednext.pipeline.cohort.run_cases` overlaps across a cohort;
+    :attr:`window_progress` is told how far the sliding window has come.
 
     ``device`` is resolved by :func:`mednext.files.resolve_device` (None: CUDA, then MPS, then CPU).
     ``accumulate_dtype`` is the dtype the weighted logits are summed in on the CPU: float16 as the
@@ -367,6 +373,9 @@ class MedNeXtPredictor(nnUNetPredictor):
             )  # fmt: skip
         self.tile_batch = int(tile_batch)
         self.accumulate_dtype = accumulate_dtype
+        # called with (forwards done, forwards in all, fold index, folds) during a sliding window
+        self.window_progress: Callable[[int, int, int, int], Any] | None = None
+        self._fold_index = 0
 
     @classmethod
     def from_predictor(
@@ -451,21 +460,21 @@ class MedNeXtPredictor(nnUNetPredictor):
 
     @torch.inference_mode()
     def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
-        """Logits of one preprocessed case ``(channels, *spatial)``: the mean over the folds' weights.
+        """Logits of one preprocessed case ``(channels, *spatial)`` on the CPU: the mean over the folds' weights.
 
         A 2.5D model's input gets each slice's neighbours as channels first
         (:mod:`mednext.pipeline.context`). On the CPU the folds run inside
-        :func:`mednext.memory.reuse_freed_memory`; other devices take the engine's path.
+        :func:`mednext.memory.reuse_freed_memory`.
         """
         data = stack_neighbour_slices(data, context_slices_of(self.configuration_manager.configuration))
-        if self.device.type != "cpu":
-            return super().predict_logits_from_preprocessed_data(data).cpu()
         network = self.network._orig_mod if isinstance(self.network, OptimizedModule) else self.network
         total = None
         with reuse_freed_memory(keeps_freed_memory(self.device)):
-            for params in self.list_of_parameters:
+            for i, params in enumerate(self.list_of_parameters):
+                self._fold_index = i
                 network.load_state_dict(params)
-                logits = self.predict_sliding_window_return_logits(data)
+                # each fold's logits leave the device, so that the next fold has its memory
+                logits = self.predict_sliding_window_return_logits(data).to("cpu")
                 total = logits if total is None else total.add_(logits)
         assert total is not None
         if len(self.list_of_parameters) > 1:
@@ -476,25 +485,37 @@ class MedNeXtPredictor(nnUNetPredictor):
     def predict_sliding_window_return_logits(self, input_image: torch.Tensor) -> torch.Tensor:
         """The Gaussian-weighted sliding window with mirroring over ``input_image`` ``(channels, *spatial)``.
 
-        On the CPU: the engine's tiles (``compute_steps_for_sliding_window`` after zero-padding to
-        the patch) in the engine's order, its Gaussian (sigma 1/8 of the patch, peak 10, float16
-        values), its mirroring (mean of the plain and every mirrored prediction) and its float16
-        sums, with :attr:`tile_batch` tiles per network forward. A 2D patch on 3D data slides over
-        every slice, as in the engine. Returns logits ``(classes, *spatial)`` in
-        :attr:`accumulate_dtype`.
+        The engine's tiles (``compute_steps_for_sliding_window`` after zero-padding to the patch) in
+        the engine's order, its Gaussian (sigma 1/8 of the patch, peak 10, float16 values), its
+        mirroring (mean of the plain and every mirrored prediction) and its float16 sums, with
+        :attr:`tile_batch` tiles per network forward. A 2D patch on 3D data slides over every
+        slice, as in the engine. On CUDA the network runs under float16 autocast and the sums stay
+        on the GPU (``perform_everything_on_device``), falling back to sums in CPU memory when the
+        GPU's memory does not hold them, as the engine does. On MPS the engine's own sliding window
+        runs. Returns logits ``(classes, *spatial)`` in :attr:`accumulate_dtype`.
         """
-        if self.device.type != "cpu":
+        if self.device.type == "mps":
             return super().predict_sliding_window_return_logits(input_image)
-        with reuse_freed_memory(keeps_freed_memory(self.device)):
-            return self._batched_sliding_window(input_image)
+        if self.device.type == "cpu":
+            with reuse_freed_memory(keeps_freed_memory(self.device)):
+                return self._batched_sliding_window(input_image, self.device)
+        self.network = self.network.to(self.device)
+        if not self.perform_everything_on_device:
+            return self._batched_sliding_window(input_image, torch.device("cpu"))
+        try:
+            return self._batched_sliding_window(input_image, self.device)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            return self._batched_sliding_window(input_image, torch.device("cpu"))
 
     # ------------------------------------------------------------------ our additions
 
-    def _batched_sliding_window(self, input_image: torch.Tensor) -> torch.Tensor:
+    def _batched_sliding_window(self, input_image: torch.Tensor, results_device: torch.device) -> torch.Tensor:
         network = self.network.eval()
         patch = tuple(int(p) for p in self.configuration_manager.patch_size)
         mirror_axes = self.allowed_mirroring_axes if self.use_mirroring else None
         data, revert = pad_nd_image(input_image, patch, "constant", {"value": 0}, True, None)
+        data = data.to(results_device)
         spatial = data.shape[1:]
         slicers: list[tuple] = []
         if len(patch) < len(spatial):  # 2D network on a 3D volume: every slice, as the engine does
@@ -508,18 +529,25 @@ class MedNeXtPredictor(nnUNetPredictor):
             for start in np.stack(np.meshgrid(*steps, indexing="ij"), -1).reshape(-1, len(patch)):
                 slicers.append((slice(None), *(slice(int(s), int(s) + p) for s, p in zip(start, patch))))
         if self.use_gaussian:  # float16 values, as the engine weights with them
-            weight = compute_gaussian(patch, sigma_scale=1.0 / 8, value_scaling_factor=10, device=torch.device("cpu"))
+            weight = compute_gaussian(patch, sigma_scale=1.0 / 8, value_scaling_factor=10, device=results_device)
         else:
-            weight = torch.ones(patch, dtype=torch.float16)
+            weight = torch.ones(patch, dtype=torch.float16, device=results_device)
         flips = _mirror_combinations([a + 2 for a in mirror_axes] if mirror_axes else None)
-        logits = torch.zeros((self.label_manager.num_segmentation_heads, *spatial), dtype=self.accumulate_dtype)
-        weights = torch.zeros(spatial, dtype=self.accumulate_dtype)
-        for first in range(0, len(slicers), self.tile_batch):
+        dtype = self.accumulate_dtype if results_device.type == "cpu" else torch.float16
+        logits = torch.zeros((self.label_manager.num_segmentation_heads, *spatial), dtype=dtype, device=results_device)
+        weights = torch.zeros(spatial, dtype=dtype, device=results_device)
+        autocast = (
+            torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" else contextlib.nullcontext()
+        )
+        forwards = -(-len(slicers) // self.tile_batch)
+        for index, first in enumerate(range(0, len(slicers), self.tile_batch)):
             group = slicers[first : first + self.tile_batch]
-            x = torch.stack([data[sl] for sl in group])
-            prediction = network(x)
-            for axes in flips[1:]:
-                prediction += torch.flip(network(torch.flip(x, axes)), axes)
+            x = torch.stack([data[sl] for sl in group]).to(self.device, non_blocking=True)
+            with autocast:
+                prediction = network(x)
+                for axes in flips[1:]:
+                    prediction += torch.flip(network(torch.flip(x, axes)), axes)
+            prediction = prediction.to(results_device)
             if len(flips) > 1:
                 prediction /= len(flips)
             if self.use_gaussian:
@@ -527,6 +555,8 @@ class MedNeXtPredictor(nnUNetPredictor):
             for sl, tile in zip(group, prediction):  # tile by tile, in the engine's order and rounding
                 logits[sl] += tile
                 weights[sl[1:]] += weight
+            if self.window_progress is not None:
+                self.window_progress(index + 1, forwards, self._fold_index, len(self.list_of_parameters or [None]))
         torch.div(logits, weights, out=logits)
         if torch.isinf(logits).any():
             raise RuntimeError(
@@ -563,18 +593,11 @@ class MedNeXtPredictor(nnUNetPredictor):
             check_file_finite(f, NON_FINITE_IN_PREDICTION, array=channel)
         return data, properties
 
-    def predict_case(
-        self,
-        case: InputCase,
-        output_truncated: str | os.PathLike,
-        save_probabilities: bool = False,
-        crop_body: bool = False,
-    ) -> list[Path]:
-        """Read, preprocess, predict and export one case; returns the written files
-        (``<output_truncated><ending>``, and ``.npz``/``.pkl`` probabilities when asked).
+    def prepare_case(self, case: InputCase, crop_body: bool = False) -> tuple[np.ndarray, dict]:
+        """Read and preprocess one case: ``(data, properties)`` as the engine's preprocessor returns them.
 
-        ``crop_body``: predict only inside the box around the patient's body (CT; :mod:`mednext.pipeline.body`);
-        the output keeps the input's full grid, background outside the box.
+        ``crop_body``: keep only the box around the patient's body (CT; :mod:`mednext.pipeline.body`);
+        the properties then map the prediction back onto the input's full grid.
         """
         data, properties = self.read_case(case)
         body_box = None
@@ -587,7 +610,17 @@ class MedNeXtPredictor(nnUNetPredictor):
         )
         if body_box is not None:
             compose_with_engine_crop(properties, body_box, full_shape, self.plans_manager.transpose_forward)
-        logits = self.predict_logits_from_preprocessed_data(torch.from_numpy(data))
+        return data, properties
+
+    def logits_of_prepared(self, data: np.ndarray) -> torch.Tensor:
+        """The network's logits (CPU tensor) of a case that :meth:`prepare_case` returned."""
+        return self.predict_logits_from_preprocessed_data(torch.from_numpy(data))
+
+    def export_case(
+        self, logits: torch.Tensor, properties: dict, output_truncated: str | os.PathLike, save_probabilities: bool
+    ) -> list[Path]:
+        """Resample ``logits`` back to the input's grid and write ``<output_truncated><ending>`` (and
+        the ``.npz``/``.pkl`` probabilities when asked); returns the written files."""
         export_prediction_from_logits(
             logits,
             properties,
@@ -603,6 +636,24 @@ class MedNeXtPredictor(nnUNetPredictor):
         if save_probabilities:
             written += [Path(f"{output_truncated}.npz"), Path(f"{output_truncated}.pkl")]
         return written
+
+    def predict_case(
+        self,
+        case: InputCase,
+        output_truncated: str | os.PathLike,
+        save_probabilities: bool = False,
+        crop_body: bool = False,
+    ) -> list[Path]:
+        """Read, preprocess, predict and export one case; returns the written files
+        (``<output_truncated><ending>``, and ``.npz``/``.pkl`` probabilities when asked).
+
+        ``crop_body``: predict only inside the box around the patient's body (CT; :mod:`mednext.pipeline.body`);
+        the output keeps the input's full grid, background outside the box.
+        """
+        data, properties = self.prepare_case(case, crop_body)
+        logits = self.logits_of_prepared(data)
+        del data
+        return self.export_case(logits, properties, output_truncated, save_probabilities)
 
 
 # ----------------------------------------------------------------------------- predicting files
@@ -660,6 +711,11 @@ def predict(
     tile_batch: int = 2,
     crop_body: bool = False,
     allow_irregular_slices: bool = False,
+    continue_prediction: bool = False,
+    num_parts: int = 1,
+    part_id: int = 0,
+    progress_bar: bool | None = None,
+    overlap: bool = True,
 ) -> list[Path]:
     """Segment every case in ``input_path`` with a trained MedNeXt and return the written segmentations.
 
@@ -669,11 +725,18 @@ def predict(
     ``output`` is a folder (created if needed) that receives ``<case><ending>`` per case, or, for a
     single case, a file path ending in the dataset's file ending. Every file is written to a temporary
     name in the same folder and moved into place, so a failed run leaves no partial output.
-    ``tile_batch``: sliding-window tiles per network forward on the CPU (:class:`MedNeXtPredictor`).
+    ``tile_batch``: sliding-window tiles per network forward (:class:`MedNeXtPredictor`).
     ``allow_irregular_slices``: resample a DICOM series with missing, duplicate or unevenly spaced
     slices onto a regular grid instead of refusing it (:func:`mednext.pipeline.io.cases_from_dicom`).
+
+    A cohort (:mod:`mednext.pipeline.cohort`): ``continue_prediction`` skips the cases already
+    segmented in ``output`` with the same model and settings; ``num_parts``/``part_id`` segment
+    every ``num_parts``-th case only, so that several machines share a folder of cases;
+    ``progress_bar`` shows bars on standard error (None: when it is a terminal and ``log`` is
+    ``print``); ``overlap`` reads the next case and writes the previous one while the network runs.
     """
     _check_tile_batch(tile_batch)
+    check_parts(num_parts, part_id)
     dirs = use_workdir(workdir)
     if dirs.describe():
         log(dirs.describe())
@@ -684,7 +747,6 @@ def predict(
             json.loads((trained.folder / "plans.json").read_text(encoding="utf-8")), trained.configuration
         )
     ending = dataset_json["file_ending"]
-    num_channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {})))
     output = Path(output)
     single_file = image_ending(output) is not None
     out_dir = output.parent if single_file else output
@@ -693,89 +755,137 @@ def predict(
             f"output {output} has ending '{image_ending(output)}' but the model writes '{ending}' files "
             f"(dataset.json 'file_ending'); name the output file *{ending} or give a folder"
         )
-    with folder_lock(out_dir, "mednext predict"):
-        remove_stale_temporaries(out_dir, prefixes=(WORKSPACE_PREFIX,))
-        return _predict_into(
-            trained, dataset_json, input_path, output, out_dir, single_file, ending, num_channels, folds,
-            checkpoint, device, tta, step_size, save_probabilities, log, tile_batch, crop_body, allow_irregular_slices,
-        )  # fmt: skip
+    if single_file and (continue_prediction or num_parts > 1):
+        raise ValueError(
+            f"--continue-prediction and --num-parts apply to a folder of cases; give a folder as output, not {output}"
+        )
+    if progress_bar is None:
+        progress_bar = log is print and sys.stderr.isatty()
+    request = _Request(
+        trained, dataset_json, Path(input_path), output, out_dir, single_file, ending, folds, checkpoint, device,
+        tta, step_size, save_probabilities, log, tile_batch, crop_body, allow_irregular_slices,
+        continue_prediction, num_parts, part_id, bool(progress_bar), overlap,
+    )  # fmt: skip
+    if num_parts == 1:
+        with folder_lock(out_dir, "mednext predict"):
+            remove_stale_temporaries(out_dir, prefixes=(WORKSPACE_PREFIX,))
+            return _predict_into(request)
+    # Parts share the folder; each part is one run at a time and cleans up only after itself.
+    what = f"mednext predict --part-id {part_id} --num-parts {num_parts}"
+    with (
+        folder_lock(out_dir, what, shared=True),
+        folder_lock(out_dir, what, name=f".mednext-part-{part_id}-of-{num_parts}.lock"),
+    ):
+        return _predict_into(request)
 
 
 WORKSPACE_PREFIX = ".mednext-predict-"
 
 
-def _predict_into(
-    trained: TrainedModel,
-    dataset_json: dict,
-    input_path: str | os.PathLike,
-    output: Path,
-    out_dir: Path,
-    single_file: bool,
-    ending: str,
-    num_channels: int,
-    folds: Sequence[int | str] | None,
-    checkpoint: str,
-    device: str | torch.device | None,
-    tta: bool,
-    step_size: float,
-    save_probabilities: bool,
-    log: Any,
-    tile_batch: int,
-    crop_body: bool,
-    allow_irregular_slices: bool,
-) -> list[Path]:
+@dataclass
+class _Request:
+    """:func:`predict`'s arguments once the model and the output are known."""
+
+    trained: TrainedModel
+    dataset_json: dict
+    input_path: Path
+    output: Path
+    out_dir: Path
+    single_file: bool
+    ending: str
+    folds: Sequence[int | str] | None
+    checkpoint: str
+    device: str | torch.device | None
+    tta: bool
+    step_size: float
+    save_probabilities: bool
+    log: Any
+    tile_batch: int
+    crop_body: bool
+    allow_irregular_slices: bool
+    continue_prediction: bool
+    num_parts: int
+    part_id: int
+    progress_bar: bool
+    overlap: bool
+
+    @property
+    def workspace_prefix(self) -> str:
+        if self.num_parts == 1:
+            return WORKSPACE_PREFIX
+        return f"{WORKSPACE_PREFIX}part-{self.part_id}-of-{self.num_parts}-"
+
+
+def _predict_into(r: _Request) -> list[Path]:
     """:func:`predict` once the output folder is locked."""
-    workspace = Path(tempfile.mkdtemp(dir=out_dir, prefix=WORKSPACE_PREFIX))
+    if r.num_parts > 1:  # what a killed run of this part left; other parts' workspaces are alive
+        remove_stale_temporaries(r.out_dir, prefixes=(r.workspace_prefix,))
+    workspace = Path(tempfile.mkdtemp(dir=r.out_dir, prefix=r.workspace_prefix))
     try:
-        cases = collect_input_cases(input_path, ending, num_channels, workspace, allow_irregular_slices)
-        if single_file and len(cases) != 1:
-            raise ValueError(f"{input_path} holds {len(cases)} cases; give a folder as output, not the file {output}")
+        num_channels = len(r.dataset_json.get("channel_names", r.dataset_json.get("modality", {})))
+        cases = collect_input_cases(r.input_path, r.ending, num_channels, workspace, r.allow_irregular_slices)
+        if r.single_file and len(cases) != 1:
+            raise ValueError(
+                f"{r.input_path} holds {len(cases)} cases; give a folder as output, not the file {r.output}"
+            )
         inputs = {f.resolve() for case in cases for f in case.files}
         for case in cases:
-            target = output if single_file else out_dir / f"{case.case_id}{ending}"
+            target = r.output if r.single_file else r.out_dir / f"{case.case_id}{r.ending}"
             if target.resolve() in inputs:
                 raise ValueError(
                     f"the prediction of case '{case.case_id}' would overwrite its input {target}; "
                     "give another output folder (-o)"
                 )
-        folds = [f for f, _ in select_checkpoints(trained.folder, folds, checkpoint)]
-        predictor = MedNeXtPredictor(step_size, use_mirroring=tta, device=device, tile_batch=tile_batch)
-        predictor.initialize_from_trained_model_folder(trained.folder, folds, CHECKPOINTS[checkpoint])
-        log(
-            f"{trained.folder.name}: folds {', '.join(map(str, folds))}, "
-            f"checkpoint_{checkpoint}, device {predictor.device}, TTA {'on' if tta else 'off'}, step {step_size}; "
-            f"{len(cases)} case(s)"
+        cases = select_part(cases, r.num_parts, r.part_id)
+        folds = [f for f, _ in select_checkpoints(r.trained.folder, r.folds, r.checkpoint)]
+        record = {
+            "results_folder": str(r.trained.folder),
+            "folds": folds,
+            "checkpoint": CHECKPOINTS[r.checkpoint],
+            "tta": r.tta,
+            "step_size": r.step_size,
+            "crop_body": r.crop_body,
+            "save_probabilities": r.save_probabilities,
+            "num_parts": r.num_parts,
+            "part_id": r.part_id,
+        }
+        done = (
+            finished_cases(r.out_dir, record, cases, r.ending, r.save_probabilities) if r.continue_prediction else set()
         )
-        written = []
-        for case in cases:
-            for note in case.notes:
-                log(f"  {case.case_id}: {note}")
-            start = time.perf_counter()
-            files = predictor.predict_case(case, workspace / case.case_id, save_probabilities, crop_body)
+        todo = [c for c in cases if c.case_id not in done]
+        predictor = MedNeXtPredictor(r.step_size, use_mirroring=r.tta, device=r.device, tile_batch=r.tile_batch)
+        predictor.initialize_from_trained_model_folder(r.trained.folder, folds, CHECKPOINTS[r.checkpoint])
+        part = f" (part {r.part_id} of {r.num_parts})" if r.num_parts > 1 else ""
+        skipped = f", {len(done)} already segmented" if done else ""
+        r.log(
+            f"{r.trained.folder.name}: folds {', '.join(map(str, folds))}, "
+            f"checkpoint_{r.checkpoint}, device {predictor.device}, TTA {'on' if r.tta else 'off'}, "
+            f"step {r.step_size}; {len(cases)} case(s){part}{skipped}"
+        )
+        record.update(device=str(predictor.device), mirror_axes=list(predictor.allowed_mirroring_axes or []))
+        record["cases"] = {c.case_id: c.source for c in cases}
+        record_path = r.out_dir / record_name(r.num_parts, r.part_id)
+        recorded = []
+
+        def place(case: InputCase, files: list[Path]) -> Path:
+            if not r.single_file and not recorded:  # before the first segmentation: what made them
+                recorded.append(atomic_write_json(record_path, {**record, "finished": False}))
+            segmentation = None
             for f in files:
-                target = output if single_file and f.name.endswith(ending) else inside(out_dir, f.name)
+                target = r.output if r.single_file and f.name.endswith(r.ending) else inside(r.out_dir, f.name)
                 os.replace(f, target)
-                if target.name.endswith(ending):
-                    written.append(target)
-            log(f"  {case.case_id}: {written[-1]} ({time.perf_counter() - start:.1f} s)")
-        if not single_file:
+                if target.name.endswith(r.ending):
+                    segmentation = target
+            assert segmentation is not None
+            return segmentation
+
+        progress = Progress(len(todo), r.log, r.progress_bar)
+        written = run_cases(predictor, todo, workspace, place, progress, r.save_probabilities, r.crop_body, r.overlap)
+        if not r.single_file:
             # Beside the predictions, as nnU-Net does: `mednext evaluate` and nnU-Net's tools read them.
-            atomic_write_json(out_dir / "dataset.json", dataset_json)
-            atomic_write_json(out_dir / "plans.json", predictor.plans_manager.plans)
-            atomic_write_json(
-                out_dir / "mednext_predict.json",
-                {
-                    "results_folder": str(trained.folder),
-                    "folds": folds,
-                    "checkpoint": CHECKPOINTS[checkpoint],
-                    "device": str(predictor.device),
-                    "tta": tta,
-                    "mirror_axes": list(predictor.allowed_mirroring_axes or []),
-                    "step_size": step_size,
-                    "crop_body": crop_body,
-                    "cases": {c.case_id: c.source for c in cases},
-                },
-            )
+            atomic_write_json(r.out_dir / "dataset.json", r.dataset_json)
+            atomic_write_json(r.out_dir / "plans.json", predictor.plans_manager.plans)
+            atomic_write_json(record_path, {**record, "finished": True})
         return written
     finally:
         shutil.rmtree(workspace, ignore_errors=True)

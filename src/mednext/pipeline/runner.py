@@ -352,10 +352,15 @@ class PredictSettings:
         step_size: sliding-window step as a fraction of the patch.
         save_probabilities: also write ``<case>.npz`` class probabilities.
         workdir: the working folder (None: ``./mednext_work``; nnU-Net's variables win when set).
-        tile_batch: sliding-window tiles per network forward on the CPU.
+        tile_batch: sliding-window tiles per network forward (CPU and CUDA).
         crop_body: CT only: predict inside the box around the patient's body.
         allow_irregular_slices: resample a DICOM series with missing, duplicate or unevenly spaced
             slices onto a regular grid instead of refusing it.
+        continue_prediction: skip the cases the output folder already holds from the same model
+            and settings.
+        num_parts, part_id: segment only part ``part_id`` of ``num_parts`` (every ``num_parts``-th
+            case, sorted by name).
+        progress_bar: progress bars on standard error (None: when it is a terminal).
     """
 
     input_path: str | os.PathLike
@@ -375,6 +380,10 @@ class PredictSettings:
     tile_batch: int = 2
     crop_body: bool = False
     allow_irregular_slices: bool = False
+    continue_prediction: bool = False
+    num_parts: int = 1
+    part_id: int = 0
+    progress_bar: bool | None = None
 
 
 def predict(settings: PredictSettings, log: Callable[[str], Any] = print) -> list[Path]:
