@@ -202,6 +202,14 @@ class Progress:
             self._case_bar = None
 
 
+def _one_torch_thread() -> None:
+    # The background stages' torch operations run on one thread each: the network keeps the
+    # cores it was given, rather than three OpenMP teams contending (spinning) for them.
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def run_cases(
     predictor: Any,
     cases: Sequence[InputCase],
@@ -245,8 +253,8 @@ def run_cases(
                 written.append(export(case, logits, properties, started))
             return written
         with (
-            ThreadPoolExecutor(1, thread_name_prefix="mednext-read") as reader,
-            ThreadPoolExecutor(1, thread_name_prefix="mednext-write") as writer,
+            ThreadPoolExecutor(1, thread_name_prefix="mednext-read", initializer=_one_torch_thread) as reader,
+            ThreadPoolExecutor(1, thread_name_prefix="mednext-write", initializer=_one_torch_thread) as writer,
         ):
             try:
                 reading: Future | None = reader.submit(predictor.prepare_case, cases[0], crop_body) if cases else None
