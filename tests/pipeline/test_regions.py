@@ -105,8 +105,8 @@ def test_train_predict_evaluate_regions(planned: Path, tmp_path: Path, capsys: p
     assert set(validation["mean"]) == ENGINE_REGION_KEYS
 
     out = tmp_path / "pred"
-    assert main(["predict", "-i", str(src / "imagesTr"), "-o", str(out), *work, "--dataset", "971", "--device",
-                 "cpu", "--save-probabilities"]) == 0  # fmt: skip
+    assert main(["predict", "-i", str(src / "imagesTr"), "-o", str(out), *work, "--dataset", "971", "--fold", "0",
+                 "--device", "cpu", "--save-probabilities"]) == 0  # fmt: skip
     for case in [f"case_{i:03d}" for i in range(5)]:
         labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}.nii.gz")))
         assert set(np.unique(labels).tolist()) <= {0, 1, 2, 3}
