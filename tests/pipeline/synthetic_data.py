@@ -20,6 +20,10 @@ from pathlib import Path
 import numpy as np
 
 LABELS = {"background": 0, "ball": 1, "box": 2}
+# BraTS-style nested regions: label values 1 (outer shell), 2 (middle shell), 3 (core); each region
+# is the union of the values it lists, and regions_class_order paints them in this order
+REGION_LABELS = {"background": 0, "whole": [1, 2, 3], "core": [2, 3], "enhancing": 3}
+REGIONS_CLASS_ORDER = [1, 2, 3]
 SPACING_3D = (2.0, 1.0, 1.0)  # (z, y, x) in mm, numpy axis order
 
 
@@ -53,6 +57,25 @@ def make_case(shape: Sequence[int], rng: np.random.Generator, num_channels: int 
     return np.stack(images).astype(np.float32), label
 
 
+def make_region_case(shape: Sequence[int], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One case of nested balls: values 1, 2, 3 from the outside in, each brighter than the one around it.
+    Returns a ``(1, *shape)`` float32 image and a uint8 label map of ``shape`` (3D: spacing
+    :data:`SPACING_3D`, the balls round in mm)."""
+    shape = tuple(int(s) for s in shape)
+    spacing = SPACING_3D if len(shape) == 3 else (1.0, 1.0)
+    extent = [n * d for n, d in zip(shape, spacing, strict=True)]  # mm
+    outer = rng.uniform(0.3, 0.35) * min(extent)
+    centre = [rng.uniform(outer, e - outer) for e in extent]
+    grids = np.meshgrid(*[(np.arange(n) + 0.5) * d for n, d in zip(shape, spacing, strict=True)], indexing="ij")
+    dist = np.sqrt(sum((g - c) ** 2 for g, c in zip(grids, centre, strict=True))) / outer
+    label = np.zeros(shape, np.uint8)
+    label[dist <= 1.0] = 1
+    label[dist <= 0.7] = 2
+    label[dist <= 0.4] = 3
+    image = rng.normal(100.0, 10.0, shape).astype(np.float32) + 60.0 * label
+    return image[None].astype(np.float32), label
+
+
 def make_dataset(
     root: str | Path,
     dataset_id: int = 901,
@@ -63,12 +86,18 @@ def make_dataset(
     seed: int = 0,
     num_channels: int = 1,
     num_test_cases: int = 0,
+    regions: bool = False,
 ) -> Path:
     """Write ``root/Dataset{id:03d}_{name}`` (imagesTr, labelsTr, optional imagesTs, dataset.json) and
     return its path. ``shape`` defaults to (20, 32, 32) in 3D and (64, 64) in 2D. Case ids are
-    ``case_000``, ``case_001``, ...; test cases are ``test_000``, ... (images only)."""
+    ``case_000``, ``case_001``, ...; test cases are ``test_000``, ... (images only).
+
+    ``regions``: BraTS-style cases (:func:`make_region_case`, one channel) with the overlapping
+    regions of :data:`REGION_LABELS` and ``regions_class_order`` in dataset.json."""
     if spatial_dims not in (2, 3):
         raise ValueError("spatial_dims must be 2 or 3")
+    if regions and num_channels != 1:
+        raise ValueError("region cases have one channel")
     if shape is None:
         shape = (20, 32, 32) if spatial_dims == 3 else (64, 64)
     if len(shape) != spatial_dims:
@@ -80,7 +109,7 @@ def make_dataset(
     ending = ".nii.gz" if spatial_dims == 3 else ".png"
 
     def write_case(case_id: str, images_dir: str, with_label: bool) -> None:
-        images, label = make_case(shape, rng, num_channels)
+        images, label = make_region_case(shape, rng) if regions else make_case(shape, rng, num_channels)
         for c, img in enumerate(images):
             write_image(folder / images_dir / f"{case_id}_{c:04d}{ending}", img, spatial_dims)
         if with_label:
@@ -93,12 +122,14 @@ def make_dataset(
 
     meta = {
         "channel_names": {str(c): ("CT" if num_channels == 1 else f"mod{c}") for c in range(num_channels)},
-        "labels": dict(LABELS),
+        "labels": dict(REGION_LABELS if regions else LABELS),
         "numTraining": num_cases,
         "file_ending": ending,
         "name": name,
         "description": "synthetic test data (mednext tests)",
     }
+    if regions:
+        meta["regions_class_order"] = list(REGIONS_CLASS_ORDER)
     # a single-channel CT-like image gets CT normalisation in the engine; with several channels we
     # use names that map to z-score normalisation
     (folder / "dataset.json").write_text(json.dumps(meta, indent=2))

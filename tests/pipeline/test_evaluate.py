@@ -16,9 +16,11 @@ sitk = pytest.importorskip("SimpleITK")
 from mednext.cli import main  # noqa: E402
 from mednext.pipeline.evaluate import (  # noqa: E402
     LabelSet,
+    Tolerances,
     dice,
     evaluate_folders,
     normalized_surface_dice,
+    parse_tolerances,
     surface_voxels,
 )
 
@@ -277,3 +279,102 @@ def test_nsd_agrees_with_monai_compute_surface_dice():
             one_hot(pred), one_hot(ref), [tolerance], include_background=False, spacing=list(spacing)
         ).item()
         assert normalized_surface_dice(pred, ref, spacing, tolerance) == pytest.approx(theirs, abs=1e-6), trial
+
+
+# ----------------------------------------------------------------------------- per-class NSD tolerances
+
+
+def test_parse_tolerances():
+    assert parse_tolerances(None) == Tolerances(2.0, {})
+    assert parse_tolerances(["1.5"]) == Tolerances(1.5, {})
+    parsed = parse_tolerances(["liver=2", "tumour=1", "3"])
+    assert parsed.default_mm == 3.0 and parsed.per_class_mm == {"liver": 2.0, "tumour": 1.0}
+    assert parsed.for_class("tumour") == 1.0 and parsed.for_class("spleen") == 3.0
+    assert parse_tolerances(["whole tumour=0.5"]).per_class_mm == {"whole tumour": 0.5}  # a quoted name
+    assert parse_tolerances(["liver=1"]).default_mm == 2.0  # the others keep the default
+    assert parsed.describe() == "3 mm (liver 2 mm, tumour 1 mm)"
+
+
+@pytest.mark.parametrize(
+    ("tokens", "message"),
+    [
+        (["2", "3"], "two tolerances for all classes (2 and 3)"),
+        (["liver=1", "liver=2"], "names class 'liver' twice"),
+        (["liver=x"], "'liver=x': 'x' is not a number of mm"),
+        (["=1"], "give the class name before '='"),
+        (["liver=-1"], "must be a finite number of mm >= 0"),
+        (["nan"], "must be a finite number of mm >= 0"),
+        (["preds/"], "Give the folders before --tolerance"),
+    ],
+)
+def test_parse_tolerances_errors(tokens, message):
+    with pytest.raises(ValueError) as err:
+        parse_tolerances(tokens)
+    assert message in str(err.value)
+
+
+def _two_shifted_cubes(tmp_path):
+    """liver (1) and spleen (2): two 4x4x4 cubes, each predicted one voxel further along x, 2 mm there.
+    NSD per class: 5/7 at 1 mm and 1 at 2 mm (SHIFTED_CUBES); Dice 0.75 at any tolerance."""
+    pred_dir, ref_dir = tmp_path / "pred", tmp_path / "ref"
+    pred_dir.mkdir()
+    ref_dir.mkdir()
+    shape = (10, 10, 24)
+    ref = cube(shape, (3, 3, 3)) + cube(shape, (3, 3, 14), label=2)
+    pred = cube(shape, (3, 3, 4)) + cube(shape, (3, 3, 15), label=2)
+    save(ref_dir / "s.nii.gz", ref, (2.0, 1.0, 1.0))
+    save(pred_dir / "s.nii.gz", pred, (2.0, 1.0, 1.0))
+    labels = tmp_path / "dataset.json"
+    labels.write_text(json.dumps({"labels": {"background": 0, "liver": 1, "spleen": 2}, "file_ending": ".nii.gz"}))
+    return pred_dir, ref_dir, labels
+
+
+def test_a_class_tolerance_changes_that_class_only(tmp_path, capsys):
+    pred_dir, ref_dir, labels = _two_shifted_cubes(tmp_path)
+    out = tmp_path / "liver1.json"
+    assert main(["evaluate", str(pred_dir), str(ref_dir), "--labels", str(labels), "--tolerance", "liver=1", "2",
+                 "-o", str(out)]) == 0  # fmt: skip
+    assert "NSD tolerance 2 mm (liver 1 mm)" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    metrics = result["cases"][0]["metrics"]
+    assert metrics["liver"]["nsd"] == pytest.approx(5 / 7) and metrics["spleen"]["nsd"] == pytest.approx(1.0)
+    assert metrics["liver"]["dice"] == pytest.approx(0.75) and metrics["spleen"]["dice"] == pytest.approx(0.75)
+    assert result["tolerance_mm"] == 2.0 and result["nsd_tolerance_mm"] == {"liver": 1.0, "spleen": 2.0}
+    assert (
+        "Nikolov" in result["metric_definitions"]["nsd"] and "nsd_tolerance_mm" in result["metric_definitions"]["nsd"]
+    )
+    rows = {(r["case"], r["class"]): r for r in csv.DictReader(out.with_suffix(".csv").open())}
+    assert rows[("s", "liver")]["nsd_tolerance_mm"] == "1" and rows[("mean", "spleen")]["nsd_tolerance_mm"] == "2"
+
+    # the other way round, and the Python API with a mapping (others at 2 mm) and with one number
+    out = tmp_path / "spleen1.json"
+    assert main(["evaluate", str(pred_dir), str(ref_dir), "--labels", str(labels), "--tolerance", "spleen=1",
+                 "-o", str(out)]) == 0  # fmt: skip
+    metrics = json.loads(out.read_text())["cases"][0]["metrics"]
+    assert metrics["liver"]["nsd"] == pytest.approx(1.0) and metrics["spleen"]["nsd"] == pytest.approx(5 / 7)
+    mapped = evaluate_folders(pred_dir, ref_dir, labels, {"spleen": 1.0}, strict=True)
+    assert mapped.mean()["spleen"]["nsd"] == pytest.approx(5 / 7) and mapped.mean()["liver"]["nsd"] == 1.0
+    assert mapped.tolerance_for("spleen") == 1.0 and mapped.tolerance_for("liver") == 2.0
+    single = evaluate_folders(pred_dir, ref_dir, labels, 1.0, strict=True)
+    assert single.tolerance_mm == 1.0 and single.tolerances is None
+    assert [single.mean()[c]["nsd"] for c in ("liver", "spleen")] == pytest.approx([5 / 7, 5 / 7])
+    assert single.to_dict()["nsd_tolerance_mm"] == {"liver": 1.0, "spleen": 1.0}
+
+
+def test_unknown_class_in_tolerance_is_named(tmp_path, capsys):
+    pred_dir, ref_dir, labels = _two_shifted_cubes(tmp_path)
+    assert main(["evaluate", str(pred_dir), str(ref_dir), "--labels", str(labels), "--tolerance", "livr=1"]) == 2
+    err = capsys.readouterr().err
+    assert "'livr'" in err and str(labels) in err and "liver, spleen" in err
+    assert not (pred_dir / "evaluation.json").exists()
+    # without a dataset.json the classes are label_<value>: other names are refused before reading files,
+    # and a value found in no label map after
+    with pytest.raises(ValueError, match="label_<value>"):
+        evaluate_folders(pred_dir, ref_dir, None, {"liver": 1.0})
+    with pytest.raises(ValueError, match="'label_7', not a class of the label maps .* label_1, label_2"):
+        evaluate_folders(pred_dir, ref_dir, None, {"label_7": 1.0})
+    assert evaluate_folders(pred_dir, ref_dir, None, {"label_2": 1.0}).mean()["label_2"]["nsd"] == pytest.approx(5 / 7)
+    # a folder taken for a tolerance: the error says where the folders go
+    assert main(["evaluate", "--tolerance", "2", str(pred_dir), str(ref_dir)]) == 2
+    assert "Give the folders before --tolerance" in capsys.readouterr().err
+    assert main(["evaluate", "--tolerance=1", str(pred_dir), str(ref_dir), "--labels", str(labels)]) == 0

@@ -44,7 +44,7 @@ def test_guide_dataset_json_examples_are_accepted(tmp_path):
     from mednext.pipeline.datasets import validate_raw_dataset
 
     examples = [json.loads(block) for block in blocks("json")]
-    assert [e["file_ending"] for e in examples] == [".nii.gz", ".nii.gz", ".png"]
+    assert [e["file_ending"] for e in examples] == [".nii.gz", ".nii.gz", ".png", ".nii.gz"]
     for i, example in enumerate(examples):
         two_d = example["file_ending"] == ".png"
         folder = make_dataset(

@@ -27,7 +27,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="dataset.json naming the classes (default: PRED_DIR/dataset.json if present, else every value found)",
     )  # fmt: skip
-    p.add_argument("--tolerance", type=float, default=2.0, help="NSD tolerance in mm (default 2)")
+    p.add_argument(
+        "--tolerance", nargs="+", action="extend", default=None, metavar="MM|CLASS=MM",
+        help="NSD tolerance in mm: one number for every class (default 2) and/or CLASS=MM for single classes, "
+        "by their names in dataset.json (label_<value> without one), e.g. --tolerance liver=2 tumour=1 3",
+    )  # fmt: skip
     p.add_argument(
         "--chill", action="store_true",
         help="allow reference cases without a prediction (listed in the JSON); by default they are an error",
@@ -51,11 +55,12 @@ def _folders(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mednext.pipeline.evaluate import evaluate_folders, write_engine_summary, write_evaluation
+    from mednext.pipeline.evaluate import evaluate_folders, parse_tolerances, write_engine_summary, write_evaluation
     from mednext.pipeline.workdir import default_processes
 
+    tolerances = parse_tolerances(args.tolerance)  # first: its error explains folders taken for tolerances
     pred, gt = _folders(args)
-    evaluation = evaluate_folders(pred, gt, args.labels, args.tolerance, strict=not args.chill)
+    evaluation = evaluate_folders(pred, gt, args.labels, tolerances, strict=not args.chill)
     output = Path(args.output) if args.output else Path(pred) / "evaluation.json"
     json_path, csv_path = write_evaluation(evaluation, output)
     summary = write_engine_summary(

@@ -213,6 +213,7 @@ def read_dataset_json(folder: str | os.PathLike) -> dict:
             f'{path}: "labels" values must be consecutive 0, 1, 2, ... (the engine trains one output per value), '
             f"got {sorted(ints)}; renumber them, e.g. {{{renumbered}}}, and write the label maps with the same values"
         )
+    _check_regions(path, labels, meta.get("regions_class_order"))
     if not isinstance(meta["numTraining"], int) or meta["numTraining"] < 1:
         raise DatasetError(f'{path}: "numTraining" must be a positive integer, got {meta["numTraining"]!r}')
     ending = meta["file_ending"]
@@ -222,6 +223,42 @@ def read_dataset_json(folder: str | os.PathLike) -> dict:
             f'{path}: "file_ending" {ending!r} is not read by the engine; use one of {", ".join(supported)}'
         )
     return meta
+
+
+def _check_regions(path: Path, labels: dict, order: Any) -> None:
+    """A label set with regions (a name listing several values, BraTS-style) needs
+    ``regions_class_order``: per region, in the order of "labels", the value its voxels get in a
+    predicted label map (later regions are painted over earlier ones), as the engine reads it."""
+    if not any(isinstance(v, list) and len(set(v)) > 1 for v in labels.values()):
+        return
+    as_sets = {name: set(value) if isinstance(value, list) else {value} for name, value in labels.items()}
+    regions = {name: values for name, values in as_sets.items() if name != "ignore" and values != {0}}
+    names = ", ".join(f'"{n}"' for n in regions)
+    suggestion = []
+    for i, values in enumerate(regions.values()):
+        later = set().union(*list(regions.values())[i + 1 :])
+        suggestion.append(min(values - later) if values - later else max(values))
+    advice = (
+        f"give one label value per region ({names}, in this order): the value its voxels get in a predicted "
+        f'label map, later regions painted over earlier ones, e.g. "regions_class_order": {suggestion}'
+    )
+    if order is None:
+        raise DatasetError(
+            f'{path}: "labels" define regions (lists of values) but "regions_class_order" is missing; ' + advice
+        )
+    if not isinstance(order, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in order):
+        raise DatasetError(f'{path}: "regions_class_order" must be a list of label values, got {order!r}; ' + advice)
+    if len(order) != len(regions):
+        raise DatasetError(
+            f'{path}: "regions_class_order" has {len(order)} value(s) for {len(regions)} region(s); ' + advice
+        )
+    known = allowed_label_values({k: v for k, v in labels.items() if k != "ignore"}) - {0}
+    unknown = [v for v in order if v not in known]
+    if unknown:
+        raise DatasetError(
+            f'{path}: "regions_class_order" names value(s) {unknown} that no region in "labels" holds '
+            f"(they hold {sorted(known)}); " + advice
+        )
 
 
 def allowed_label_values(labels: dict) -> set[int]:

@@ -3,7 +3,8 @@
 Files are read with nnU-Net v2's reader for their ending (SimpleITK for .nii.gz/.nrrd/.mha,
 scikit-image for .png/.bmp/.tif) and Dice counts come from nnU-Net's own evaluation helpers.
 
-Normalised surface Dice (NSD, Nikolov et al. 2021) at tolerance tau (mm): the fraction of the
+Normalised surface Dice (NSD, Nikolov et al. 2021) at tolerance tau (mm; one for all classes, or one
+per class, :class:`Tolerances`): the fraction of the
 surface voxels of prediction and reference that lie within tau of the other's surface,
 ``(|{p in S_pred : d(p, S_ref) <= tau}| + |{r in S_ref : d(r, S_pred) <= tau}|) / (|S_pred| + |S_ref|)``.
 A surface voxel is a foreground voxel with at least one face neighbour (6-connectivity in 3D,
@@ -21,7 +22,8 @@ import io
 import json
 import math
 import os
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,12 @@ from mednext.pipeline.integrity import check_complete
 from mednext.pipeline.io import IMAGE_ENDINGS, image_ending
 
 DEFAULT_TOLERANCE_MM = 2.0
+NSD_DEFINITION = (
+    "normalised surface Dice (Nikolov et al. 2021): (|{p in S_pred: d(p, S_ref) <= tau}| + "
+    "|{r in S_ref: d(r, S_pred) <= tau}|) / (|S_pred| + |S_ref|), S a mask's surface voxels (foreground voxels "
+    "with a face neighbour outside the mask or the image), d the Euclidean distance in mm between voxel centres "
+    "with the spacing of the image header, tau the class's tolerance in nsd_tolerance_mm; null when both are empty"
+)
 
 
 # ----------------------------------------------------------------------------- metrics on masks
@@ -99,6 +107,101 @@ def normalized_surface_dice(
     return float(within / (np.count_nonzero(surface_pred) + np.count_nonzero(surface_ref)))
 
 
+# ----------------------------------------------------------------------------- tolerances
+
+
+def _tolerance_value(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{what}: {value!r} is not a number of mm")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{what}: {value} must be a finite number of mm >= 0")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """NSD tolerances in mm: ``default_mm`` for every class, except those named in ``per_class_mm``
+    (class name -> mm, the names of the evaluation's classes)."""
+
+    default_mm: float = DEFAULT_TOLERANCE_MM
+    per_class_mm: Mapping[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "default_mm", _tolerance_value(self.default_mm, "--tolerance"))
+        per_class = {}
+        for name, value in dict(self.per_class_mm).items():
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"--tolerance: class names must be non-empty strings, got {name!r}")
+            per_class[name] = _tolerance_value(value, f"--tolerance {name}")
+        object.__setattr__(self, "per_class_mm", per_class)
+
+    @classmethod
+    def of(cls, value: float | Mapping[str, float] | Tolerances | None) -> Tolerances:
+        """A number (every class), a mapping class name -> mm (the others get 2 mm), or Tolerances."""
+        if isinstance(value, Tolerances):
+            return value
+        if value is None:
+            return cls()
+        if isinstance(value, Mapping):
+            return cls(DEFAULT_TOLERANCE_MM, value)
+        return cls(value)
+
+    def for_class(self, name: str) -> float:
+        return self.per_class_mm.get(name, self.default_mm)
+
+    def check_names(self, classes: Iterable[str], source: str) -> None:
+        """Refuse tolerances for classes that are not among ``classes`` (the classes of ``source``)."""
+        classes = list(classes)
+        unknown = [name for name in self.per_class_mm if name not in classes]
+        if unknown:
+            raise ValueError(
+                f"--tolerance names {', '.join(map(repr, unknown))}, not a class of {source}; its classes are "
+                f"{', '.join(classes) or '(none)'}"
+            )
+
+    def describe(self) -> str:
+        """``2 mm`` or ``2 mm (liver 1 mm, tumour 3 mm)``."""
+        text = f"{self.default_mm:g} mm"
+        if self.per_class_mm:
+            text += " (" + ", ".join(f"{n} {v:g} mm" for n, v in self.per_class_mm.items()) + ")"
+        return text
+
+
+def parse_tolerances(tokens: Sequence[str] | None) -> Tolerances:
+    """``mednext evaluate --tolerance`` tokens: at most one number of mm for every class, and
+    ``CLASS=MM`` for single classes (``["liver=2", "tumour=1", "3"]``). None or empty: 2 mm."""
+    default: float | None = None
+    per_class: dict[str, float] = {}
+    example = "e.g. --tolerance 2, or --tolerance liver=2 tumour=1 3 (3 mm for the other classes)"
+    for token in tokens or []:
+        name, equals, text = token.rpartition("=")
+        name = name.strip()
+        if equals and not name:
+            raise ValueError(f"--tolerance {token!r}: give the class name before '=', {example}")
+        try:
+            value = float(text)
+        except ValueError:
+            if equals:
+                raise ValueError(f"--tolerance {token!r}: {text!r} is not a number of mm; {example}") from None
+            raise ValueError(
+                f"--tolerance {token!r} is neither a number of mm (every class) nor CLASS=MM (one class); "
+                f"{example}. Give the folders before --tolerance, or write --tolerance=2."
+            ) from None
+        value = _tolerance_value(value, f"--tolerance {token!r}")
+        if equals:
+            if name in per_class:
+                raise ValueError(f"--tolerance names class {name!r} twice; give it once")
+            per_class[name] = value
+        elif default is not None:
+            raise ValueError(
+                f"--tolerance gives two tolerances for all classes ({default:g} and {value:g}); give one number "
+                f"and CLASS=MM for the classes that differ, {example}"
+            )
+        else:
+            default = value
+    return Tolerances(DEFAULT_TOLERANCE_MM if default is None else default, per_class)
+
+
 # ----------------------------------------------------------------------------- labels
 
 
@@ -155,10 +258,15 @@ class Evaluation:
     prediction_folder: str
     reference_folder: str
     file_ending: str
-    tolerance_mm: float
+    tolerance_mm: float  # the tolerance of every class not named in ``tolerances``
     labels: LabelSet
     cases: list[CaseResult]
     missing_predictions: list[str]
+    tolerances: Tolerances | None = None  # None: ``tolerance_mm`` for every class
+
+    def tolerance_for(self, name: str) -> float:
+        """The NSD tolerance (mm) used for class ``name``."""
+        return self.tolerances.for_class(name) if self.tolerances is not None else self.tolerance_mm
 
     def class_names(self) -> list[str]:
         names = list(self.labels.classes)
@@ -195,12 +303,13 @@ class Evaluation:
                 "reference_folder": self.reference_folder,
                 "file_ending": self.file_ending,
                 "tolerance_mm": self.tolerance_mm,
+                "nsd_tolerance_mm": {name: self.tolerance_for(name) for name in self.class_names()},
                 "labels": {name: list(values) for name, values in self.labels.classes.items()},
                 "ignore_label": self.labels.ignore,
                 "labels_from": self.labels.source,
                 "metric_definitions": {
                     "dice": "2|P&R| / (|P| + |R|); null when both are empty",
-                    "nsd": f"normalised surface Dice at {self.tolerance_mm} mm; null when both are empty",
+                    "nsd": NSD_DEFINITION,
                 },
                 "mean": self.mean(),
                 "foreground_mean": self.foreground_mean(),
@@ -215,15 +324,17 @@ class Evaluation:
     def csv_text(self) -> str:
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(["case", "class", "dice", "nsd"])
+        writer.writerow(["case", "class", "dice", "nsd", "nsd_tolerance_mm"])
         for case in self.cases:
             for name in self.class_names():
                 m = case.metrics.get(name, {})
-                writer.writerow([case.case, name, _fmt_csv(m.get("dice")), _fmt_csv(m.get("nsd"))])
+                tolerance = f"{self.tolerance_for(name):g}"
+                writer.writerow([case.case, name, _fmt_csv(m.get("dice")), _fmt_csv(m.get("nsd")), tolerance])
         for name, row in self.mean().items():
-            writer.writerow(["mean", name, _fmt_csv(row["dice"]), _fmt_csv(row["nsd"])])
+            tolerance = f"{self.tolerance_for(name):g}"
+            writer.writerow(["mean", name, _fmt_csv(row["dice"]), _fmt_csv(row["nsd"]), tolerance])
         fg = self.foreground_mean()
-        writer.writerow(["mean", "all classes", _fmt_csv(fg["dice"]), _fmt_csv(fg["nsd"])])
+        writer.writerow(["mean", "all classes", _fmt_csv(fg["dice"]), _fmt_csv(fg["nsd"]), ""])
         return buffer.getvalue()
 
     def table(self) -> str:
@@ -231,7 +342,7 @@ class Evaluation:
         mean = self.mean()
         width = max([len("class"), len("all classes"), *map(len, mean)])
         lines = [
-            f"{len(self.cases)} case(s), NSD tolerance {self.tolerance_mm:g} mm, classes from {self.labels.source}",
+            f"{len(self.cases)} case(s), NSD tolerance {self._tolerance_text()}, classes from {self.labels.source}",
             f"{'class':<{width}}  {'Dice':>7}  {'NSD':>7}  cases",
         ]
         for name, row in mean.items():
@@ -249,6 +360,11 @@ class Evaluation:
             lines += ["", f"{len(self.missing_predictions)} reference case(s) without a prediction (not evaluated): "
                       + ", ".join(self.missing_predictions)]  # fmt: skip
         return "\n".join(lines)
+
+    def _tolerance_text(self) -> str:
+        if self.tolerances is None:
+            return f"{self.tolerance_mm:g} mm"
+        return self.tolerances.describe()
 
 
 def _fmt(value: float) -> str:
@@ -336,11 +452,15 @@ def evaluate_case(
     prediction: Path,
     reference: Path,
     labels: LabelSet | None,
-    tolerance_mm: float = DEFAULT_TOLERANCE_MM,
+    tolerance_mm: float | Mapping[str, float] | Tolerances = DEFAULT_TOLERANCE_MM,
     reader: Any = None,
 ) -> CaseResult:
-    """Dice and NSD of every class for one prediction/reference pair (ValueError on geometry mismatch)."""
+    """Dice and NSD of every class for one prediction/reference pair (ValueError on geometry mismatch).
+
+    ``tolerance_mm``: the NSD tolerance of every class, or per class (:meth:`Tolerances.of`)."""
     from nnunetv2.evaluation.evaluate_predictions import region_or_label_to_mask
+
+    tolerances = Tolerances.of(tolerance_mm)
 
     ending = image_ending(prediction) or ""
     reader = reader or _reader_for(ending, prediction)
@@ -374,7 +494,7 @@ def evaluate_case(
             ref_mask = ref_mask & ~ignore_mask
         result.metrics[name] = {
             "dice": dice(pred_mask, ref_mask),
-            "nsd": normalized_surface_dice(pred_mask, ref_mask, spacing, tolerance_mm),
+            "nsd": normalized_surface_dice(pred_mask, ref_mask, spacing, tolerances.for_class(name)),
             "voxels_prediction": int(np.count_nonzero(pred_mask)),
             "voxels_reference": int(np.count_nonzero(ref_mask)),
         }
@@ -409,7 +529,7 @@ def evaluate_folders(
     prediction_folder: str | os.PathLike,
     reference_folder: str | os.PathLike,
     labels: str | os.PathLike | LabelSet | None = None,
-    tolerance_mm: float = DEFAULT_TOLERANCE_MM,
+    tolerance_mm: float | Mapping[str, float] | Tolerances = DEFAULT_TOLERANCE_MM,
     strict: bool = False,
     progress: Any = None,
 ) -> Evaluation:
@@ -417,15 +537,17 @@ def evaluate_folders(
 
     ``labels``: a dataset.json (its 'labels', regions and 'ignore' label, and 'file_ending'), a
     :class:`LabelSet`, or None: the prediction folder's dataset.json if it has one (mednext predict
-    writes it), else every non-zero value found. Reference cases without a prediction are listed in
-    ``missing_predictions``; with ``strict`` they are an error, as is a prediction without a reference.
+    writes it), else every non-zero value found (classes ``label_<value>``). ``tolerance_mm``: the NSD
+    tolerance in mm of every class, or per class: a mapping class name -> mm (other classes 2 mm) or
+    :class:`Tolerances`; a name that is not one of the classes is an error. Reference cases without
+    a prediction are listed in ``missing_predictions``; with ``strict`` they are an error, as is a
+    prediction without a reference.
     """
     pred_dir, ref_dir = Path(prediction_folder), Path(reference_folder)
     for name, folder in (("prediction", pred_dir), ("reference", ref_dir)):
         if not folder.is_dir():
             raise FileNotFoundError(f"{name} folder {folder} does not exist")
-    if tolerance_mm is None or not tolerance_mm >= 0:
-        raise ValueError(f"--tolerance {tolerance_mm} must be a number of mm >= 0")
+    tolerances = Tolerances.of(tolerance_mm)
     ending = None
     if labels is None and (pred_dir / "dataset.json").is_file():
         labels = pred_dir / "dataset.json"
@@ -435,6 +557,10 @@ def evaluate_folders(
             raise FileNotFoundError(f"--labels {labels_path} does not exist")
         ending = json.loads(labels_path.read_text(encoding="utf-8")).get("file_ending")
         labels = LabelSet.from_dataset_json(labels_path)
+    if isinstance(labels, LabelSet):
+        tolerances.check_names(labels.classes, labels.source)
+    else:
+        _check_inferred_names(tolerances)
     ending = ending or _detect_ending(pred_dir)
     predictions = _images(pred_dir, ending)
     references = _images(ref_dir, ending)
@@ -457,11 +583,27 @@ def evaluate_folders(
     reader = _reader_for(ending, next(iter(predictions.values())))
     cases = []
     for case, path in predictions.items():
-        cases.append(evaluate_case(path, references[case], labels, tolerance_mm, reader))
+        cases.append(evaluate_case(path, references[case], labels, tolerances, reader))
         if progress is not None:
             progress(cases[-1])
-    label_set = labels if isinstance(labels, LabelSet) else _inferred_labels(cases)
-    return Evaluation(str(pred_dir), str(ref_dir), ending, float(tolerance_mm), label_set, cases, missing)
+    if isinstance(labels, LabelSet):
+        label_set = labels
+    else:
+        label_set = _inferred_labels(cases)
+        tolerances.check_names(label_set.classes, "the label maps (label_<value> per value found)")
+    per_class = tolerances if tolerances.per_class_mm else None
+    return Evaluation(str(pred_dir), str(ref_dir), ending, tolerances.default_mm, label_set, cases, missing, per_class)
+
+
+def _check_inferred_names(tolerances: Tolerances) -> None:
+    """Without a dataset.json the classes are ``label_<value>``: refuse other names before reading files."""
+    bad = [name for name in tolerances.per_class_mm if not re.fullmatch(r"label_\d+", name)]
+    if bad:
+        raise ValueError(
+            f"--tolerance names class(es) {', '.join(map(repr, bad))}, but without a dataset.json (--labels, or "
+            "one in the prediction folder) the classes are the label values found, named label_<value> (e.g. "
+            "label_1=1); give --labels dataset.json to use its names"
+        )
 
 
 def write_engine_summary(evaluation: Evaluation, path: str | os.PathLike, num_processes: int = 1) -> Path:

@@ -71,7 +71,7 @@ class Segmenter:
 
     ``probabilities=True`` returns ``(segmentation, probabilities)``, the probabilities a float32
     numpy array ``(classes, *spatial)`` with the spatial axes in the input's array order (for
-    nibabel, the order of ``image.shape``).
+    nibabel, the order of ``image.shape``); for a region-based model one sigmoid channel per region.
 
     Attributes:
         predictor: the initialised :class:`MedNeXtPredictor` (network, weights, plans).

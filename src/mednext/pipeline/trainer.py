@@ -9,7 +9,8 @@ What differs from the engine's trainer, and nothing else:
 * optimiser: AdamW, lr 1e-3, weight decay 3e-5, eps 1e-4, poly decay (0.9) per epoch; gradient
   clipping at norm 12;
 * loss: Dice (batch Dice, background excluded) + cross-entropy on all five deep-supervision outputs,
-  weights 1, 1/2, 1/4, 1/8, 1/16 normalised to sum 1;
+  weights 1, 1/2, 1/4, 1/8, 1/16 normalised to sum 1; for region-based label sets (BraTS-style
+  ``regions_class_order`` datasets) Dice on each region's sigmoid + binary cross-entropy, as the engine;
 * precision: float16 autocast with gradient scaling on CUDA, bfloat16 autocast without scaling when
   ``bf16`` is set, float32 elsewhere;
 * DDP: the process's local rank picks the GPU (the engine uses the global rank); gloo on CPU;
@@ -41,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+from nnunetv2.training.loss.compound_losses import DC_and_BCE_loss, DC_and_CE_loss
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
@@ -233,9 +234,9 @@ class EpochLoop:
         # no validation iterations: keep the engine's per-epoch log complete
         for key, value in (("mean_fg_dice", float("nan")), ("val_losses", float("nan"))):
             self.logger.log(key, value, self.current_epoch)
-        self.logger.log(
-            "dice_per_class_or_region", [float("nan")] * len(self.label_manager.foreground_labels), self.current_epoch
-        )
+        manager = self.label_manager
+        scored = manager.foreground_regions if manager.has_regions else manager.foreground_labels
+        self.logger.log("dice_per_class_or_region", [float("nan")] * len(scored), self.current_epoch)
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -411,17 +412,28 @@ class MedNeXtTrainer(EpochLoop, nnUNetTrainer):
         return [list(map(float, row)) for row in 1 / np.cumprod(steps, axis=0)]
 
     def build_loss(self) -> torch.nn.Module:
-        """Dice + cross-entropy, weighted over the deep-supervision outputs as the reference."""
+        """Dice + cross-entropy, weighted over the deep-supervision outputs as the reference.
+
+        Region-based label sets (``regions_class_order`` datasets) get the engine's loss for regions
+        instead: Dice on every region's sigmoid (no background to leave out) + binary cross-entropy,
+        one output per region; the targets are the engine's one-hot region masks. Batch Dice and the
+        deep-supervision weights stay the recipe's."""
         if self.label_manager.has_regions:
-            raise ValueError("region-based labels are not supported by the MedNeXt trainer; use integer labels")
-        loss = DC_and_CE_loss(
-            {"batch_dice": True, "smooth": 1e-5, "do_bg": False, "ddp": self.is_ddp},
-            {},
-            weight_ce=1,
-            weight_dice=1,
-            ignore_label=self.label_manager.ignore_label,
-            dice_class=MemoryEfficientSoftDiceLoss,
-        )
+            loss: torch.nn.Module = DC_and_BCE_loss(
+                {},
+                {"batch_dice": True, "do_bg": True, "smooth": 1e-5, "ddp": self.is_ddp},
+                use_ignore_label=self.label_manager.ignore_label is not None,
+                dice_class=MemoryEfficientSoftDiceLoss,
+            )
+        else:
+            loss = DC_and_CE_loss(
+                {"batch_dice": True, "smooth": 1e-5, "do_bg": False, "ddp": self.is_ddp},
+                {},
+                weight_ce=1,
+                weight_dice=1,
+                ignore_label=self.label_manager.ignore_label,
+                dice_class=MemoryEfficientSoftDiceLoss,
+            )
         if self.enable_deep_supervision:
             n = len(self._get_deep_supervision_scales())
             weights = np.array([DS_WEIGHTS[i] if i < len(DS_WEIGHTS) else 2.0**-i for i in range(n)])
