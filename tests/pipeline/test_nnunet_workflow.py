@@ -193,3 +193,59 @@ def test_mednext_find_best_then_its_commands(trained: Path, capsys) -> None:
             sitk.GetArrayFromImage(sitk.ReadImage(str(f))),
         )
     assert main(["ensemble", "-i", str(outs[0]), "-o", str(trained / "x")]) == 2
+
+
+@pytest.mark.slow
+def test_chosen_ensemble_on_a_cohort_continued_after_a_crash_then_evaluated(
+    trained: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The end of nnU-Net's workflow: find-best's choice (model or ensemble, and its postprocessing)
+    applied to a 20-case folder, the first prediction cut off by a crash and continued, then
+    `mednext evaluate --gt --pred` writing the engine's summary.json."""
+    from mednext.pipeline.predictor import MedNeXtPredictor
+
+    work = ["--workdir", str(trained / "work")]
+    cohort = make_dataset(trained / "cohort", 982, "Cohort", spatial_dims=3, num_cases=20, shape=(8, 16, 16), seed=5)
+    assert main(["find-best", "981", "-tr", "MedNeXtTrainer_Sk3", *work]) == 0
+    results = trained / "work" / "nnUNet_results" / "Dataset981_Flow"
+    best = json.loads((results / "inference_information.json").read_text())["best_model_or_ensemble"]
+    chosen = best["selected_model_or_models"]
+    outs = []
+    for i, model in enumerate(chosen):
+        out = trained / f"cohort_{model['configuration']}"
+        command = ["predict", "-i", str(cohort / "imagesTr"), "-o", str(out), "-d", "981",
+                   "-c", model["configuration"], "-tr", model["trainer"], "-p", model["plans_identifier"],
+                   "--save-probabilities", "--disable_tta", "-device", "cpu", *work]  # fmt: skip
+        if i == 0:  # a crash after 7 cases, then the same command with --continue-prediction
+            real, exported = MedNeXtPredictor.export_case, []
+
+            def crash(self, *args, _real=real, _done=exported):
+                if len(_done) == 7:
+                    raise RuntimeError("node lost")
+                _done.append(1)
+                return _real(self, *args)
+
+            monkeypatch.setattr(MedNeXtPredictor, "export_case", crash)
+            with pytest.raises(RuntimeError, match="node lost"):
+                main(command)
+            monkeypatch.setattr(MedNeXtPredictor, "export_case", real)
+            assert len(list(out.glob("case_*.nii.gz"))) == 7
+            capsys.readouterr()
+            assert main([*command, "--continue-prediction"]) == 0
+            printed = capsys.readouterr().out
+            assert "7 already segmented" in printed and "[13/13]" in printed
+        else:
+            assert main(command) == 0
+        assert len(list(out.glob("case_*.nii.gz"))) == len(list(out.glob("case_*.npz"))) == 20
+        outs.append(out)
+    merged = outs[0]
+    if len(outs) > 1:
+        merged = trained / "cohort_ensemble"
+        assert main(["ensemble", "-i", *map(str, outs), "-o", str(merged)]) == 0
+    final = trained / "cohort_final"
+    postprocessing = Path(best["postprocessing_file"]).with_suffix(".json")
+    assert main(["postprocess", "-i", str(merged), "-o", str(final), "--pp", str(postprocessing)]) == 0
+    assert main(["evaluate", "--gt", str(cohort / "labelsTr"), "--pred", str(final)]) == 0
+    summary = json.loads((final / "summary.json").read_text())
+    assert len(summary["metric_per_case"]) == 20
+    assert 0 <= summary["foreground_mean"]["Dice"] <= 1
