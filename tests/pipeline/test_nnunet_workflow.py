@@ -249,3 +249,35 @@ def test_chosen_ensemble_on_a_cohort_continued_after_a_crash_then_evaluated(
     summary = json.loads((final / "summary.json").read_text())
     assert len(summary["metric_per_case"]) == 20
     assert 0 <= summary["foreground_mean"]["Dice"] <= 1
+
+
+@pytest.mark.slow
+def test_final_validation_is_what_mednext_predict_gives_and_shows_progress(
+    trained: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import SimpleITK as sitk
+    from nnunetv2.inference import predict_from_raw_data
+    from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as engine_module
+
+    from mednext.pipeline import cohort
+
+    monkeypatch.setattr(cohort, "WINDOW_LOG_INTERVAL_S", 0.0)
+    work = ["--workdir", str(trained / "work")]
+    fold = trained / "work" / "nnUNet_results" / "Dataset981_Flow" / "MedNeXtTrainer_Sk3__MedNeXtPlans__2d" / "fold_0"
+    assert main(["train", "981", "2d", "0", "--val", "--npz", *work, *FAST]) == 0
+    assert engine_module.nnUNetPredictor is predict_from_raw_data.nnUNetPredictor  # the engine's name restored
+    log = max(fold.glob("training_log_*.txt"), key=lambda p: p.stat().st_mtime).read_text()
+    assert "window batch 2/4" in log  # 8 slices, 2 per forward
+    (segmentation,) = (fold / "validation").glob("case_*.nii.gz")
+    case = segmentation.name.removesuffix(".nii.gz")
+    image = trained / "src" / "Dataset981_Flow" / "imagesTr" / f"{case}_0000.nii.gz"
+    out = trained / "validation_again"
+    assert main(["predict", "-i", str(image), "-o", str(out), "-d", "981", "-c", "2d", "-f", "0", "-device", "cpu",
+                 "--save-probabilities", *work]) == 0  # fmt: skip
+    np.testing.assert_array_equal(
+        sitk.GetArrayFromImage(sitk.ReadImage(str(out / segmentation.name))),
+        sitk.GetArrayFromImage(sitk.ReadImage(str(segmentation))),
+    )
+    probabilities = np.load(out / f"{case}.npz")["probabilities"]
+    assert probabilities.std() > 0
+    np.testing.assert_array_equal(probabilities, np.load(fold / "validation" / f"{case}.npz")["probabilities"])

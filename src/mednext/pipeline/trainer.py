@@ -479,6 +479,40 @@ class MedNeXtTrainer(EpochLoop, nnUNetTrainer):
             self.optimizer.step()
         return {"loss": loss.detach().cpu().numpy()}
 
+    def perform_actual_validation(self, save_probabilities: bool = False) -> None:
+        """The engine's final validation with :class:`~mednext.pipeline.predictor.MedNeXtPredictor` as
+        its predictor: the sliding window that ``mednext predict`` runs (several tiles per forward),
+        and a log line about the windows of a long case every 30 s, so that a validation case that
+        takes many minutes shows progress. The engine builds its predictor by the name
+        ``nnUNetPredictor`` in its trainer's module; that name points at ours for the call only."""
+        from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as engine_module
+
+        from mednext.pipeline.cohort import WINDOW_LOG_INTERVAL_S
+        from mednext.pipeline.predictor import MedNeXtPredictor
+
+        log = self.print_to_log_file
+        last = [time.perf_counter()]
+
+        def windows(done: int, total: int, fold: int, folds: int) -> None:
+            now = time.perf_counter()
+            if done == 1:
+                last[0] = now
+            elif now - last[0] >= WINDOW_LOG_INTERVAL_S and done < total:
+                last[0] = now
+                log(f"  window batch {done}/{total}")
+
+        class ValidationPredictor(MedNeXtPredictor):
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                self.window_progress = windows
+
+        engine_predictor = engine_module.nnUNetPredictor
+        engine_module.nnUNetPredictor = ValidationPredictor
+        try:
+            super().perform_actual_validation(save_probabilities)
+        finally:
+            engine_module.nnUNetPredictor = engine_predictor
+
     def on_validation_epoch_start(self) -> None:
         # MedNeXt returns its deep-supervision list only in training mode; it has no dropout or batch
         # statistics, so training mode under no_grad computes exactly what eval mode does
