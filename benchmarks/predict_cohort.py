@@ -12,8 +12,10 @@ Variants, each in a fresh process, run one after the other on the same input fol
   (``nnUNetv2_predict``'s defaults: 3 preprocessing and 3 export processes), holding our network
   with the results folder's weights (``manual_initialization``);
 - ``ours``: ``mednext predict`` (:func:`mednext.pipeline.predictor.predict`) with its defaults:
-  two tiles per forward, reading and writing overlapped with the network;
-- ``ours_sequential`` (``--sequential``): the same, one stage after the other.
+  two tiles per forward; reading and writing overlapped with the network on a GPU, one stage
+  after the other on the CPU;
+- ``ours_overlapped``: the same with the stages overlapped on any device;
+- ``ours_sequential``: the same with the stages one after the other on any device.
 
 Time: wall seconds of the whole cohort inside the process (model loading included). Peak memory:
 the largest sum of the resident sets of the process and all its children, sampled every 0.2 s.
@@ -40,7 +42,8 @@ import numpy as np
 
 VARIANTS = {
     "engine": "nnUNetPredictor.predict_from_files (engine defaults: 3 + 3 worker processes), our network",
-    "ours": "mednext predict (defaults: 2 tiles per forward, overlapped reading and writing)",
+    "ours": "mednext predict (defaults)",
+    "ours_overlapped": "mednext predict, reading and writing overlapped with the network",
     "ours_sequential": "mednext predict, stages one after the other",
 }
 
@@ -112,8 +115,8 @@ def run_variant(variant: str, spec: dict[str, Any]) -> dict[str, Any]:
     sampler.join()
     if proc.returncode != 0:
         raise RuntimeError(f"{variant} failed:\n{stderr[-3000:]}")
-    seconds = float(stdout.strip().splitlines()[-1])
-    return {"seconds": seconds, "peak_mib": peak[0] / 2**20, "out": str(out)}
+    reply = json.loads(stdout.strip().splitlines()[-1])
+    return {**reply, "peak_mib": peak[0] / 2**20, "out": str(out)}
 
 
 def _worker(variant: str, spec: dict[str, Any]) -> None:
@@ -125,20 +128,33 @@ def _worker(variant: str, spec: dict[str, Any]) -> None:
     setup = PredictSetup.from_json(spec["setup"])
     out = Path(spec["out"])
     start = time.perf_counter()
+    device = torch.device(spec["device"])
     if variant == "engine":
         import contextlib
         import io
 
-        from mednext.bench.predict import _stock_predictor
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+        from mednext.bench.predict import TRAINER
         from mednext.nn import MedNeXt, safe_torch_load
 
         plans = json.loads((setup.results_folder / "plans.json").read_text(encoding="utf-8"))
+        dataset_json = json.loads((setup.results_folder / "dataset.json").read_text(encoding="utf-8"))
         arch = plans["configurations"][CONFIGURATION]["architecture"]["arch_kwargs"]
         network = MedNeXt(in_channels=1, num_classes=setup.num_classes, **arch)
         weights = safe_torch_load(setup.results_folder / "fold_0" / "checkpoint_final.pth")["network_weights"]
         network.load_state_dict(weights)
-        predictor = _stock_predictor(setup, network.eval(), weights, tta=spec["tta"])
         with contextlib.redirect_stdout(io.StringIO()):
+            predictor = nnUNetPredictor(
+                tile_step_size=0.5, use_gaussian=True, use_mirroring=spec["tta"],
+                perform_everything_on_device=device.type == "cuda", device=device, verbose=False, allow_tqdm=False,
+            )  # fmt: skip
+            manager = PlansManager(plans)
+            predictor.manual_initialization(
+                network.eval(), manager, manager.get_configuration(CONFIGURATION), [weights], dataset_json, TRAINER,
+                (0, 1, 2),
+            )  # fmt: skip
             predictor.predict_from_files(
                 spec["cases"], str(out), save_probabilities=False, overwrite=True,
                 num_processes_preprocessing=3, num_processes_segmentation_export=3,
@@ -146,11 +162,14 @@ def _worker(variant: str, spec: dict[str, Any]) -> None:
     else:
         from mednext.pipeline.predictor import predict
 
+        overlap = {"ours": None, "ours_overlapped": True}.get(variant, False)
         predict(
-            spec["cases"], out, DATASET, configuration=CONFIGURATION, workdir=setup.workdir, device="cpu",
-            tta=spec["tta"], log=lambda _: None, overlap=variant == "ours", progress_bar=False,
+            spec["cases"], out, DATASET, configuration=CONFIGURATION, workdir=setup.workdir, device=device,
+            tta=spec["tta"], log=lambda _: None, overlap=overlap, progress_bar=False,
         )  # fmt: skip
-    print(time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    gpu = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    print(json.dumps({"seconds": seconds, "gpu_peak_mib": gpu}))
 
 
 def agreement(reference: Path, other: Path, names: list[str]) -> dict[str, Any]:
@@ -182,6 +201,7 @@ def main() -> None:
         help="what to run (the first is the reference of the ratios)",
     )  # fmt: skip
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--out", type=Path, default=None, help="write the table to this Markdown file")
     args = parser.parse_args()
 
@@ -219,24 +239,32 @@ def main() -> None:
         machine = f"{cpu}, {os.cpu_count()} cores, torch {__import__('torch').__version__}"
     except (OSError, StopIteration):
         pass
+    if args.device.startswith("cuda"):
+        import torch
+
+        machine = f"{torch.cuda.get_device_name(0)}; {machine}"
     engine = results[variants[0]]
     lines = [
         f"Cohort of {args.cases} CT crops ({args.depth} x 101 x 122 voxels of 3 mm), MedNeXt-{args.preset} "
         f"k{args.kernel}, patch {'x'.join(map(str, args.patch))}, TTA {'on' if args.tta else 'off'}, "
-        f"{args.threads} torch threads, CPU. Machine: {machine}.",
+        f"{args.threads} torch threads, device {args.device}. Machine: {machine}. Peak memory: resident sets of "
+        "the process tree" + ("; GPU: torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else "") + ".",
         "",
         f"| variant | time (s) | time / {variants[0]} | peak memory (MiB) | memory / {variants[0]} | "
         f"cases identical to {variants[0]} | voxels differing |",
         "|---|---|---|---|---|---|---|",
     ]
+    gpu = args.device.startswith("cuda")
     for variant in variants:
         r = results[variant]
         agree = r.get("agreement")
         same = f"{agree['identical_cases']}/{agree['cases']}" if agree else "(reference)"
         voxels = f"{agree['differing_voxels']} of {agree['voxels']}" if agree else ""
+        gpu_note = f" (GPU {r['gpu_peak_mib']:.0f})" if gpu else ""
         lines.append(
             f"| {VARIANTS[variant]} | {r['seconds']:.1f} | {r['seconds'] / engine['seconds']:.2f} | "
-            f"{r['peak_mib']:.0f} | {r['peak_mib'] / engine['peak_mib']:.2f} | {same} | {voxels} |"
+            f"{r['peak_mib']:.0f}{gpu_note} | "
+            f"{r['peak_mib'] / engine['peak_mib']:.2f} | {same} | {voxels} |"
         )
     table = "\n".join(lines) + "\n"
     print(table)

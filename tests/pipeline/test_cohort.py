@@ -56,7 +56,7 @@ def test_overlapped_stages_give_the_sequential_result(workdir, tmp_path):
     inp = tmp_path / "in"
     names = _cohort(inp, 5)
     lines: list[str] = []
-    written = _predict(workdir, inp, tmp_path / "overlap", lines, save_probabilities=True)
+    written = _predict(workdir, inp, tmp_path / "overlap", lines, overlap=True, save_probabilities=True)
     _predict(workdir, inp, tmp_path / "sequential", overlap=False, save_probabilities=True)
     assert [p.name for p in written] == [f"{n}.nii.gz" for n in names]  # in case order
     overlapped, sequential = _arrays(tmp_path / "overlap"), _arrays(tmp_path / "sequential")

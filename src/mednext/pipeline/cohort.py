@@ -3,10 +3,11 @@
 ``mednext predict`` on a folder of hundreds of scans runs three stages per case: read and
 preprocess (the plans' reader, the engine's preprocessor), the network's sliding window, and
 export (the engine's resampling back to the input's grid, argmax, writing the file).
-:func:`run_cases` keeps one case in each stage at once: while the network segments case *k*, a
-reader thread prepares case *k+1* and a writer thread exports case *k-1*. The network runs in the
-calling thread with all its torch threads; the other two stages are mostly file input/output,
-compression and NumPy/SciPy work that releases the GIL. At most three cases are in memory.
+:func:`run_cases` can keep one case in each stage at once: while the network segments case *k*, a
+reader thread prepares case *k+1* and a writer thread exports case *k-1*, with at most three cases
+in memory. That pays where the network runs on a GPU. On the CPU the network's threads already use
+every core, and any other busy thread makes them wait for each other: there the stages run one
+after the other (the measurements are in docs/benchmarks.md).
 
 Splitting a cohort across machines (:func:`select_part`) takes every ``num_parts``-th case of the
 sorted case list, as nnU-Net's ``-num_parts/-part_id`` do. Each run writes a record of its settings

@@ -715,7 +715,7 @@ def predict(
     num_parts: int = 1,
     part_id: int = 0,
     progress_bar: bool | None = None,
-    overlap: bool = True,
+    overlap: bool | None = None,
 ) -> list[Path]:
     """Segment every case in ``input_path`` with a trained MedNeXt and return the written segmentations.
 
@@ -733,7 +733,9 @@ def predict(
     segmented in ``output`` with the same model and settings; ``num_parts``/``part_id`` segment
     every ``num_parts``-th case only, so that several machines share a folder of cases;
     ``progress_bar`` shows bars on standard error (None: when it is a terminal and ``log`` is
-    ``print``); ``overlap`` reads the next case and writes the previous one while the network runs.
+    ``print``); ``overlap`` reads the next case and writes the previous one while the network runs
+    (None: on a GPU, not on the CPU, where the network's threads already use every core and any
+    other busy thread slows it down several times over; docs/benchmarks.md).
     """
     _check_tile_batch(tile_batch)
     check_parts(num_parts, part_id)
@@ -807,7 +809,7 @@ class _Request:
     num_parts: int
     part_id: int
     progress_bar: bool
-    overlap: bool
+    overlap: bool | None
 
     @property
     def workspace_prefix(self) -> str:
@@ -880,7 +882,8 @@ def _predict_into(r: _Request) -> list[Path]:
             return segmentation
 
         progress = Progress(len(todo), r.log, r.progress_bar)
-        written = run_cases(predictor, todo, workspace, place, progress, r.save_probabilities, r.crop_body, r.overlap)
+        overlap = r.overlap if r.overlap is not None else predictor.device.type != "cpu"
+        written = run_cases(predictor, todo, workspace, place, progress, r.save_probabilities, r.crop_body, overlap)
         if not r.single_file:
             # Beside the predictions, as nnU-Net does: `mednext evaluate` and nnU-Net's tools read them.
             atomic_write_json(r.out_dir / "dataset.json", r.dataset_json)
