@@ -217,6 +217,7 @@ def main() -> None:
         "cases": str(cases_dir),
         "tta": args.tta,
         "threads": args.threads,
+        "device": args.device,
         "work": str(work),
     }
     variants = list(args.variants)
