@@ -193,3 +193,26 @@ def test_progress_bar_on_a_terminal(workdir, tmp_path, capsys):
     captured = capsys.readouterr()
     assert "3/3" in captured.err and "case" in captured.err  # tqdm's bar, on standard error
     assert "[3/3] case02" in captured.out
+
+
+def test_nnunet_spellings_of_the_predict_flags(capsys):
+    from mednext.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["predict", "-i", "in", "-o", "out", "-d", "901", "-c", "2d", "-f", "0", "1", "-tr", "MedNeXtTrainer_Bk5",
+         "-p", "MedNeXtPlans", "-chk", "checkpoint_best.pth", "-device", "cpu", "--disable_tta", "-step_size", "0.75",
+         "--save_probabilities", "--continue_prediction", "-num_parts", "4", "-part_id", "3", "--disable_progress_bar"]
+    )  # fmt: skip
+    assert (args.dataset, args.config, args.fold, args.trainer, args.plans) == (
+        "901", "2d", [0, 1], "MedNeXtTrainer_Bk5", "MedNeXtPlans"
+    )  # fmt: skip
+    assert (args.checkpoint, args.device, args.no_tta, args.step) == ("best", "cpu", True, 0.75)
+    assert args.save_probabilities and args.continue_prediction and args.no_progress_bar
+    assert (args.num_parts, args.part_id) == (4, 3)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["predict", "-i", "x", "-o", "y", "-d", "1", "-chk", "checkpoint_other.pth"])
+    base = ["predict", "-i", "in", "-o", "out", "-d", "901"]
+    assert main([*base, "-tr", "MedNeXtTrainer_Bk5", "--kernel", "3"]) == 2
+    assert "-tr MedNeXtTrainer_Bk5 means --kernel 5" in capsys.readouterr().err
+    assert main([*base, "-tr", "nnUNetTrainer"]) == 2
+    assert "nnUNetv2_predict" in capsys.readouterr().err

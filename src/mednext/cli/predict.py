@@ -24,6 +24,11 @@ def _step(text: str) -> float:
     return value
 
 
+def _checkpoint(text: str) -> str:
+    # nnU-Net's -chk names the file: checkpoint_best.pth is --checkpoint best
+    return text.removeprefix("checkpoint_").removesuffix(".pth")
+
+
 def _count(text: str) -> int:
     try:
         value = int(text)
@@ -75,7 +80,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--kernel", type=int, default=None, help="kernel size trained (3 or 5)")
     p.add_argument("-p", "--plans", default=None, help="plans identifier (MedNeXtPlans or MedNeXtPlans_paper)")
-    p.add_argument("--checkpoint", choices=("final", "best", "latest"), default="final", help="default: final")
+    p.add_argument(
+        "--checkpoint", "-chk", type=_checkpoint, choices=("final", "best", "latest"), default="final",
+        help="final, best or latest (nnU-Net's checkpoint_final.pth etc. too; default: final)",
+    )  # fmt: skip
     p.add_argument(
         "--device", "-device", choices=("cpu", "cuda", "mps"), default=None, help="default: cuda, else mps, else cpu"
     )
