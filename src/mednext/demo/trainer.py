@@ -87,53 +87,22 @@ def simulate_contrast_enhancement(
 
 
 class TimeBudgetMixin(EpochLoop):
-    """The epoch loop fitted to ``budget_s`` seconds of training (see the module docstring).
+    """The pipeline's epoch loop with its wall-clock budget on (``budget_s``, see
+    :class:`~mednext.pipeline.trainer.EpochLoop`), the engine's log kept out of the terminal and one
+    line per epoch instead.
 
     Mixed in before the trainer: ``class T(TimeBudgetMixin, nnUNetTrainer)``. Set ``budget_s``,
     ``max_epochs`` and ``show_progress`` on the trainer before training."""
 
-    budget_s: float = 600.0
+    budget_s: float | None = 600.0
     provisional_epochs: int = 1000
-    max_epochs: int | None = None  # optional cap on top of the budget
-    min_last_epoch_iterations = 3  # a shorter last epoch uses the budget's rest if this many iterations fit
 
     def print_to_log_file(self, *args: object, also_print_to_console: bool = True, add_timestamp: bool = True) -> None:
         # the engine's log file keeps everything; the terminal gets the demo's own progress lines
         super().print_to_log_file(*args, also_print_to_console=False, add_timestamp=add_timestamp)
 
-    def before_epochs(self) -> None:
-        self.num_epochs = max(self.num_epochs, self.current_epoch + 1)
-        self.budget_log: list[dict[str, float]] = []
-        self.iterations_done = 0
-
-    def progress_note(self, iteration: int, train_seconds: float, loop_seconds: float) -> str:
-        return f"budget left {max(0.0, self.budget_s - loop_seconds):.0f} s"
-
     def after_epoch(self, timing: EpochTiming) -> None:
-        remaining = self.budget_s - timing.elapsed
-        more = int(remaining // timing.seconds) if remaining > 0 else 0
-        short = 0  # iterations of a shorter last epoch that fits what is left of the budget
-        if more == 0 and remaining > 0:
-            per_iteration = timing.train_seconds / timing.iterations
-            short = int((remaining - (timing.seconds - timing.train_seconds)) // per_iteration)
-            more = 1 if short >= self.min_last_epoch_iterations else 0
-        self.num_epochs = self.current_epoch + more
-        if self.max_epochs is not None:
-            self.num_epochs = min(self.num_epochs, self.max_epochs)
-            more = self.num_epochs - self.current_epoch
-        if more == 1 and short:
-            self.num_iterations_per_epoch = min(short, self.num_iterations_per_epoch)
-        if more > 0:
-            self.lr_scheduler.max_steps = self.num_epochs  # poly schedule ends with the budget
-        self.budget_log.append(
-            {
-                "epoch": self.current_epoch,
-                "epoch_time_s": timing.seconds,
-                "elapsed_s": timing.elapsed,
-                "iterations": timing.iterations,
-                "planned_epochs": self.num_epochs,
-            }
-        )
+        super().after_epoch(timing)
         if self.show_progress:
             print(
                 f"  epoch {self.current_epoch}: {timing.seconds:.1f} s "
