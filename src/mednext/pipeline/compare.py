@@ -651,6 +651,7 @@ def run_compare(settings: CompareSettings, log: Callable[[str], Any] = print) ->
     if not folds or len(set(folds)) != len(folds):
         raise UserError(f"--folds {' '.join(map(str, settings.folds))}: give each fold (0-4) once")
     budget = settings.budget
+    resolve_models(settings.models, settings.configuration or "3d_fullres", settings.baseline)  # spelling first
     dirs = use_workdir(settings.workdir)
     if dirs.describe():
         log(dirs.describe())

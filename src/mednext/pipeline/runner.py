@@ -23,9 +23,9 @@ from mednext.errors import DatasetError
 from mednext.files import folder_lock, remove_stale_temporaries, resolve_device
 from mednext.nn import safe_torch_load, transfer_weights, upkern
 from mednext.pipeline import predictor
-from mednext.pipeline.nnunet_trainer import nnUNetTrainer_budget
 from mednext.pipeline.datasets import dataset_id_of, register_dataset, resolve_dataset, validate_raw_dataset
 from mednext.pipeline.ddp import init_distributed
+from mednext.pipeline.nnunet_trainer import nnUNetTrainer_budget
 from mednext.pipeline.planning import PLANNERS, RECIPES, SUPPORTED_CONFIGS
 from mednext.pipeline.preprocessed import check_preprocessed, check_splits, preprocess
 from mednext.pipeline.trainer import MedNeXtTrainer, get_trainer_class
