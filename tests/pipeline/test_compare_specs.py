@@ -98,20 +98,43 @@ def _report() -> dict:
         "classes": ["liver", "spleen"],
         "cases": {},
         "means": {
-            s: {m: {c: {"mean": 0.9, "sd": 0.01, "n": 20} for c in ("liver", "spleen", "mean over classes")}
-                for m in ("dice", "nsd")}
+            s: {
+                m: {c: {"mean": 0.9, "sd": 0.01, "n": 20} for c in ("liver", "spleen", "mean over classes")}
+                for m in ("dice", "nsd")
+            }
             for s in ("mednext:S:k3:3d_fullres", "nnunet:3d_fullres")
         },  # fmt: skip
         "comparisons": [
-            {**row, "class": "liver", "mean_difference": 0.021, "ci_low": 0.008, "ci_high": 0.034, "p_value": 0.004,
-             "verdict": "better"},
-            {**row, "class": "spleen", "mean_difference": 0.003, "ci_low": -0.01, "ci_high": 0.012, "p_value": 0.41,
-             "verdict": "not distinguishable"},
+            {
+                **row,
+                "class": "liver",
+                "mean_difference": 0.021,
+                "ci_low": 0.008,
+                "ci_high": 0.034,
+                "p_value": 0.004,
+                "verdict": "better",
+            },
+            {
+                **row,
+                "class": "spleen",
+                "mean_difference": 0.003,
+                "ci_low": -0.01,
+                "ci_high": 0.012,
+                "p_value": 0.41,
+                "verdict": "not distinguishable",
+            },
         ],  # fmt: skip
         "costs": {
-            s: {"parameters": 5_600_000, "epochs_per_fold": [50] * 5, "time_per_epoch_s": 100.0,
-                "train_s_per_fold": 5000.0, "peak_memory_mb": 9000.0, "peak_memory_kind": "ru_maxrss",
-                "inference_s_per_case": 3.0, "device": ["cuda"]}
+            s: {
+                "parameters": 5_600_000,
+                "epochs_per_fold": [50] * 5,
+                "time_per_epoch_s": 100.0,
+                "train_s_per_fold": 5000.0,
+                "peak_memory_mb": 9000.0,
+                "peak_memory_kind": "ru_maxrss",
+                "inference_s_per_case": 3.0,
+                "device": ["cuda"],
+            }
             for s in ("mednext:S:k3:3d_fullres", "nnunet:3d_fullres")
         },  # fmt: skip
         "statistics": {"nsd_tolerance_mm": 2.0},
