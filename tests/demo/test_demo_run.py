@@ -413,6 +413,20 @@ def test_shortened_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture
 
     header = next(line for line in printed.splitlines() if line.startswith("class"))
     assert "MedNeXt-S k3" in header and "nnU-Net 2d" in header
+
+    # --compare nnunet is mednext compare's machinery on one case and one fold: its report, same scores
+    report = json.loads((out / "compare" / "compare.json").read_text())
+    assert [m["spec"] for m in report["models"]] == ["mednext:S:k3:2d", "nnunet:2d"]
+    assert report["baseline"] == "nnunet:2d" and report["folds"] == ["all"]
+    assert list(report["cases"]) == [on_disk["case"]] and report["case_source"] == "held-out cases"
+    for spec, dice in (("mednext:S:k3:2d", on_disk["dice"]), ("nnunet:2d", on_disk["nnunet"]["dice"])):
+        scored = report["cases"][on_disk["case"]][spec]
+        assert {name: scored[name]["dice"] for name in CLASSES} == pytest.approx(dice, abs=1e-4)
+        assert report["costs"][spec]["parameters"] > 0 and report["costs"][spec]["peak_memory_mb"] > 0
+    assert all(row["n"] <= 1 and row["verdict"] == "not distinguishable" for row in report["comparisons"])
+    assert "MedNeXt-S k3 2d against nnU-Net 2d (Dice)" in (out / "compare" / "compare.md").read_text()
+    engine = json.loads((out / "compare" / "runs" / "nnunet_2d" / "fold_all.json").read_text())
+    assert engine["trained_in_this_comparison"] is True and engine["epochs"] == 1
     for name in CLASSES:
         assert any(line.split()[:1] == [name] for line in printed.splitlines()), name
 

@@ -1,12 +1,8 @@
 """Trainers for ``mednext demo``: a wall-clock budget and a contrast-enhancement augmentation.
 
-* :class:`TimeBudgetMixin` makes the pipeline's epoch loop (:class:`~mednext.pipeline.trainer.EpochLoop`)
-  fit a time budget. The first epoch runs with a provisional epoch count; after every epoch the
-  duration of the last epoch sets how many epochs are left (``floor(remaining / epoch_time)``), and the poly
-  learning-rate schedule is re-targeted to that total, so the schedule ends (learning rate near 0)
-  when the budget ends. When no full epoch fits any more, a shorter last epoch takes as many
-  iterations as fit (at least ``min_last_epoch_iterations``); when an epoch overruns the budget,
-  training stops after it.
+* :class:`TimeBudgetMixin` turns on the wall-clock budget of the pipeline's epoch loop
+  (:class:`~mednext.pipeline.trainer.EpochLoop`: the epochs left and the poly schedule follow the
+  measured epoch time, so the schedule ends when the budget ends) and prints a line per epoch.
 * :func:`simulate_contrast_enhancement` raises the intensity of soft tissue, per training label,
   by random amounts in Hounsfield units, so a network trained on a non-contrast CT sees organs as
   bright as on a contrast-enhanced (portal-venous) CT. The demo trainer applies it to each training
@@ -16,8 +12,8 @@
   (the reference recipe) with both, in-plane rotation limited to +-15 degrees and no mirroring (the
   demo's scans share one orientation), and optionally neighbouring slices as input channels
   (``context_slices``, :mod:`mednext.pipeline.context`), written out per preset and kernel
-  (``MedNeXtTrainer_Sk3_demo`` ...); :class:`nnUNetTrainer_demoBudget` is the engine's own
-  ``nnUNetTrainer`` (its recipe unchanged) with the time budget only, for ``--compare nnunet``.
+  (``MedNeXtTrainer_Sk3_demo`` ...). ``--compare nnunet`` trains the engine's own trainer through
+  ``mednext compare``'s machinery (:mod:`mednext.pipeline.compare`).
 """
 
 from __future__ import annotations
@@ -30,7 +26,6 @@ import numpy as np
 import torch
 from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from mednext.pipeline.datasets import TransformedDatasetClass
 from mednext.pipeline.trainer import EpochLoop, EpochTiming, MedNeXtTrainer, trainer_class_name
@@ -239,10 +234,6 @@ def padded_dataset_class(base: Any, trainer: Any) -> TransformedDatasetClass:
     props = trainer.plans_manager.foreground_intensity_properties_per_channel["0"]
     air = (float(props["percentile_00_5"]) - float(props["mean"])) / float(props["std"])
     return TransformedDatasetClass(base, FieldOfViewPadding(air, int(trainer.fov_padding)))
-
-
-class nnUNetTrainer_demoBudget(TimeBudgetMixin, nnUNetTrainer):  # noqa: N801 (nnU-Net's trainer naming)
-    """The engine's default trainer and recipe, time-budgeted (``--compare nnunet``)."""
 
 
 class MedNeXtTrainer_Sk3_demo(MedNeXtDemoTrainer):  # noqa: N801

@@ -479,7 +479,7 @@ def run_fold(job: FoldJob) -> dict[str, Any]:
         # kept beside the training, so that a comparison interrupted during validation still knows it
         atomic_write_json(
             folder / PEAK_FILE,
-            {"peak_memory_mb": _peak_memory(device, resource), "peak_memory_kind": _memory_kind(device),
+            {"peak_memory_mb": _peak_memory(device, resource), "peak_memory_kind": memory_kind(device),
              "device": str(device), "resumed": resume},
         )  # fmt: skip
     peak = json.loads((folder / PEAK_FILE).read_text(encoding="utf-8")) if (folder / PEAK_FILE).is_file() else {}
@@ -491,7 +491,7 @@ def run_fold(job: FoldJob) -> dict[str, Any]:
         "device": str(device),
         "trained_in_this_comparison": trained_here,
         "peak_memory_mb": peak.get("peak_memory_mb"),
-        "peak_memory_kind": peak.get("peak_memory_kind", _memory_kind(device)),
+        "peak_memory_kind": peak.get("peak_memory_kind", memory_kind(device)),
         "training_device": peak.get("device"),
     }
     if job.validate:
@@ -505,15 +505,118 @@ def run_fold(job: FoldJob) -> dict[str, Any]:
         record["inference_s_per_case"] = float(np.mean(timed)) if timed else None
         record["inference_cases_timed"] = len(timed)
     if trainer is not None:
-        network = trainer.unwrapped_network()
-        record["parameters"] = int(sum(p.numel() for p in network.parameters()))
-        log = trainer.logger.get_checkpoint()
-        starts, ends = log.get("epoch_start_timestamps", []), log.get("epoch_end_timestamps", [])
-        epoch_s = [float(e - s) for s, e in zip(starts, ends, strict=False)]
-        record["epochs"] = len(epoch_s)
-        record["epoch_s"] = float(np.mean(epoch_s)) if epoch_s else None
-        record["train_s"] = float(np.sum(epoch_s))
+        record.update(training_costs(trainer))
     return record
+
+
+def training_costs(trainer: Any) -> dict[str, Any]:
+    """Parameters, epochs and epoch times (the engine's log of every epoch, resumed ones included) and
+    the iterations this process trained, of a trained or loaded trainer."""
+    network = trainer.unwrapped_network()
+    log = trainer.logger.get_checkpoint()
+    starts, ends = log.get("epoch_start_timestamps", []), log.get("epoch_end_timestamps", [])
+    epoch_s = [float(e - s) for s, e in zip(starts, ends, strict=False)]
+    return {
+        "parameters": int(sum(p.numel() for p in network.parameters())),
+        "epochs": len(epoch_s),
+        "epoch_s": float(np.mean(epoch_s)) if epoch_s else None,
+        "train_s": float(np.sum(epoch_s)),
+        "iterations_this_run": int(getattr(trainer, "iterations_done", 0)),
+    }
+
+
+def load_trained(spec: ModelSpec, dataset_name: str, fold: int | str, device: Any) -> Any:
+    """``spec``'s trainer of ``fold``, initialised with its final weights (read with ``weights_only=True``),
+    ready to predict."""
+    folder = fold_folder(spec, dataset_name, fold)
+    checkpoint = folder / "checkpoint_final.pth"
+    if not checkpoint.is_file():
+        raise UserError(f"{checkpoint} not found: {spec.text} fold {fold} has not finished training")
+    plans = json.loads((folder.parent / "plans.json").read_text(encoding="utf-8"))
+    plans["continue_training"] = False  # the engine's trainer reads (and pops) this key
+    dataset_json = json.loads((folder.parent / "dataset.json").read_text(encoding="utf-8"))
+    trainer = _quiet(
+        _trainer_class(spec), plans=plans, configuration=spec.configuration, fold=fold, dataset_json=dataset_json,
+        device=device,
+    )  # fmt: skip
+    _quiet(trainer.load_checkpoint, str(checkpoint))
+    return trainer
+
+
+def predict_image(trainer: Any, image: Path, output: Path, tta: bool, crop_body: bool = False) -> Path:
+    """Segment the image file ``image`` with the network of ``trainer`` (the engine's predictor, as its
+    validation predicts; ``crop_body``: inside the box around a CT's body) into ``output``."""
+    import tempfile
+
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from mednext.pipeline.io import InputCase
+    from mednext.pipeline.predictor import predict_case
+
+    trainer.set_deep_supervision_enabled(False)
+    network = trainer.network
+    network.eval()
+    predictor = _quiet(
+        nnUNetPredictor, tile_step_size=0.5, use_gaussian=True, use_mirroring=tta,
+        perform_everything_on_device=trainer.device.type == "cuda", device=trainer.device, verbose=False,
+        allow_tqdm=False,
+    )  # fmt: skip
+    predictor.manual_initialization(
+        network, trainer.plans_manager, trainer.configuration_manager,
+        [{k: v.detach().clone() for k, v in network.state_dict().items()}], trainer.dataset_json,
+        type(trainer).__name__, trainer.inference_allowed_mirroring_axes,
+    )  # fmt: skip
+    ending = trainer.dataset_json["file_ending"]
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=".compare-predict-") as tmp:
+        case = InputCase(output.name[: -len(ending)], [image])
+        files = predict_case(predictor, case, Path(tmp) / "pred", crop_body=crop_body)
+        os.replace(files[0], output)
+    return output
+
+
+def write_case_comparison(
+    out: Path,
+    dataset_name: str,
+    case: str,
+    predictions: dict[ModelSpec, Path],
+    records: dict[ModelSpec, dict[str, Any]],
+    baseline: ModelSpec,
+    reference_folder: Path,
+    budget: Budget,
+    fold: int | str = "all",
+    tolerance_mm: float = 2.0,
+    log: Callable[[str], Any] = print,
+) -> dict[str, Any]:
+    """A comparison of models on one case held out of their training (``mednext demo --compare``):
+    each model's prediction of ``case`` (``predictions``) and its record of costs (``records``) are
+    stored in ``out`` as :func:`run_compare` stores its own, then :func:`write_report` writes the same
+    report from them, scored against ``reference_folder/<case><ending>``."""
+    from mednext.pipeline.workdir import preprocessed_folder
+
+    dataset_json = preprocessed_folder() / dataset_name / "dataset.json"
+    ending = json.loads(dataset_json.read_text(encoding="utf-8"))["file_ending"]
+    specs = list(predictions)
+    out.mkdir(parents=True, exist_ok=True)
+    for spec, path in predictions.items():
+        target = _predictions_folder(out, spec) / f"{case}{ending}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(target, lambda tmp, p=path: shutil.copyfile(p, tmp))
+        record_path = out / "runs" / spec.slug / f"fold_{fold}.json"
+        record_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(record_path, {"model": spec.text, "fold": fold, **records[spec]}, indent=1)
+    setup = {
+        "format_version": FORMAT_VERSION,
+        "dataset": dataset_name,
+        "models": [s.text for s in specs],
+        "baseline": baseline.text,
+        "folds": [fold],
+        "budget": asdict(budget),
+        "tolerance_mm": tolerance_mm,
+        "cases": [case],
+        "reference_folder": str(Path(reference_folder)),
+    }
+    atomic_write_json(out / "compare_settings.json", setup, indent=1)
+    return write_report(out, log=log)
 
 
 def inference_seconds(trainer: Any, max_cases: int = INFERENCE_CASES) -> list[float]:
@@ -551,10 +654,19 @@ def inference_seconds(trainer: Any, max_cases: int = INFERENCE_CASES) -> list[fl
     return seconds
 
 
-def _memory_kind(device: Any) -> str:
+def memory_kind(device: Any) -> str:
+    """What :func:`peak_memory_mb` measures on ``device``, in words."""
     if device.type == "cuda":
         return "torch.cuda.max_memory_allocated during training"
     return "peak resident memory (ru_maxrss) of the training process"
+
+
+def peak_memory_mb(device: Any) -> float:
+    """The peak memory of this process so far: ``torch.cuda.max_memory_allocated`` on CUDA, else the
+    peak resident memory (``ru_maxrss``), in MiB."""
+    import resource
+
+    return _peak_memory(device, resource)
 
 
 def _peak_memory(device: Any, resource: Any) -> float:
@@ -605,7 +717,7 @@ def train_fold(job: FoldJob, result_path: str | os.PathLike) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- the comparison
 
 
-def _record_path(out: Path, spec: ModelSpec, fold: int) -> Path:
+def _record_path(out: Path, spec: ModelSpec, fold: int | str) -> Path:
     return out / "runs" / spec.slug / f"fold_{fold}.json"
 
 
@@ -725,7 +837,7 @@ def _check_setup(out: Path, setup: dict[str, Any]) -> None:
             )
 
 
-def _done(out: Path, spec: ModelSpec, fold: int) -> bool:
+def _done(out: Path, spec: ModelSpec, fold: int | str) -> bool:
     return _record_path(out, spec, fold).is_file()
 
 
@@ -757,8 +869,11 @@ def _save_predictions(out: Path, spec: ModelSpec, dataset_name: str, fold: int) 
 # ----------------------------------------------------------------------------- the report
 
 
-def _scores(out: Path, spec: ModelSpec, dataset_name: str, cases: Sequence[str], tolerance_mm: float) -> dict:
-    """Case -> class -> {"dice", "nsd"} of ``spec``'s saved predictions of ``cases``."""
+def _scores(
+    out: Path, spec: ModelSpec, dataset_name: str, cases: Sequence[str], tolerance_mm: float, references: Path
+) -> dict:
+    """Case -> class -> {"dice", "nsd"} of ``spec``'s saved predictions of ``cases`` against the label
+    maps of the same names in ``references``."""
     from mednext.pipeline.evaluate import LabelSet, evaluate_case
     from mednext.pipeline.workdir import preprocessed_folder
 
@@ -772,7 +887,7 @@ def _scores(out: Path, spec: ModelSpec, dataset_name: str, cases: Sequence[str],
         prediction = folder / f"{case}{ending}"
         if not prediction.is_file():
             raise UserError(f"{prediction} is missing; run 'mednext compare' again to predict it")
-        result = evaluate_case(prediction, base / "gt_segmentations" / f"{case}{ending}", labels, tolerance_mm)
+        result = evaluate_case(prediction, references / f"{case}{ending}", labels, tolerance_mm)
         scores[case] = {
             c: {m: (None if math.isnan(v[m]) else float(v[m])) for m in METRICS} for c, v in result.metrics.items()
         }
@@ -827,9 +942,13 @@ def build_report(out: str | os.PathLike) -> dict[str, Any]:
     name, folds = setup["dataset"], setup["folds"]
     specs = [parse_model_spec(t) for t in setup["models"]]
     baseline = parse_model_spec(setup["baseline"])
-    splits = json.loads((preprocessed_folder() / name / "splits_final.json").read_text(encoding="utf-8"))
-    cases = sorted(c for f in folds for c in splits[f]["val"])
-    fold_of = {c: f for f in folds for c in splits[f]["val"]}
+    if setup.get("cases") is not None:  # cases held out of the training (the demo), scored against their labels
+        cases = sorted(setup["cases"])
+        fold_of = {c: folds[0] for c in cases}
+    else:
+        splits = json.loads((preprocessed_folder() / name / "splits_final.json").read_text(encoding="utf-8"))
+        cases = sorted(c for f in folds for c in splits[f]["val"])
+        fold_of = {c: f for f in folds for c in splits[f]["val"]}
     records: dict[str, list[dict[str, Any]]] = {}
     for spec in specs:
         missing = [f for f in folds if not _done(out, spec, f)]
@@ -839,7 +958,8 @@ def build_report(out: str | os.PathLike) -> dict[str, Any]:
                 "compare' with the same --out to train them"
             )
         records[spec.text] = [json.loads(_record_path(out, spec, f).read_text(encoding="utf-8")) for f in folds]
-    scores = {s.text: _scores(out, s, name, cases, float(setup["tolerance_mm"])) for s in specs}
+    references = Path(setup.get("reference_folder") or preprocessed_folder() / name / "gt_segmentations")
+    scores = {s.text: _scores(out, s, name, cases, float(setup["tolerance_mm"]), references) for s in specs}
     classes = list(next(iter(scores[specs[0].text].values())).keys()) if cases else []
     per_model: dict[str, Any] = {}
     for spec in specs:
@@ -893,6 +1013,7 @@ def build_report(out: str | os.PathLike) -> dict[str, Any]:
         ],
         "baseline": baseline.text,
         "classes": classes,
+        "case_source": "held-out cases" if setup.get("cases") is not None else "out-of-fold validation cases",
         "cases": {c: {"fold": fold_of[c], **{s.text: scores[s.text][c] for s in specs}} for c in cases},
         "means": per_model,
         "comparisons": comparisons,
@@ -977,7 +1098,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Comparison on {report['dataset']}",
         "",
-        f"{len(specs)} models, folds {' '.join(map(str, report['folds']))} ({n_cases} out-of-fold cases), "
+        f"{len(specs)} models, folds {' '.join(map(str, report['folds']))} ({n_cases} {report['case_source']}), "
         f"{length} of training per model and fold. Scores in points (0-100); differences are model minus "
         f"{labels[report['baseline']]}, with a 95% bootstrap interval, the Wilcoxon signed-rank p-value and "
         "wins/ties/losses over cases.",

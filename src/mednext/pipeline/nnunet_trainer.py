@@ -6,7 +6,8 @@ loss, optimiser, learning-rate schedule, augmentation and validation, untouched.
 mednext is what a fair comparison needs to be the same for both models:
 
 * the epoch loop (:class:`~mednext.pipeline.trainer.EpochLoop`): a run length in epochs or a
-  wall-clock budget, a progress bar with the time left, the CPU memory policy;
+  wall-clock budget, a progress bar with the time left, the CPU memory policy; the engine's messages
+  go to its log file only;
 * :meth:`configure_run`, so :func:`mednext.pipeline.runner.train` trains it like a MedNeXt trainer
   (``--c``-style resumption included);
 * checkpoints written every epoch, atomically, with plain values only, and read back with
@@ -71,6 +72,10 @@ class nnUNetTrainer_budget(EpochLoop, nnUNetTrainer):  # noqa: N801 (nnU-Net's t
         if val_iters is not None:
             self.num_val_iterations_per_epoch = val_iters
         self.show_progress = show_progress
+
+    def print_to_log_file(self, *args: object, also_print_to_console: bool = True, add_timestamp: bool = True) -> None:
+        # the engine's log file keeps everything; the terminal gets the progress bar and its caller's lines
+        super().print_to_log_file(*args, also_print_to_console=False, add_timestamp=add_timestamp)
 
     def unwrapped_network(self) -> torch.nn.Module:
         """The network without its DDP and ``torch.compile`` wrappers."""
