@@ -179,6 +179,20 @@ def test_time_budget_sets_epochs_and_schedule(
         assert t.lr_scheduler.max_steps == epochs
 
 
+def test_a_resumed_run_counts_its_logged_epochs_against_the_budget(monkeypatch) -> None:
+    # the pipeline's budget (mednext compare --hours): three epochs of 11 s were trained before the interruption
+    clock = _Clock()
+    monkeypatch.setattr(time, "perf_counter", clock.perf_counter)
+    t = _BudgetedFake(clock)
+    t.current_epoch, t.budget_s, t.max_epochs = 3, 110.0, None
+    t.logger.get_checkpoint = lambda: {"epoch_start_timestamps": [0.0, 11.0, 22.0],
+                                       "epoch_end_timestamps": [11.0, 22.0, 33.0]}  # fmt: skip
+    t.run_training()
+    assert t.budget_spent_before == 33.0
+    assert t.current_epoch == 10  # 3 before + floor((110 - 33) / 11) after
+    assert t.budget_log[-1]["elapsed_s"] == pytest.approx(110.0)
+
+
 @pytest.mark.parametrize(("device", "env", "kept"), [("cpu", None, True), ("cpu", "0", False), ("cuda", None, False)])
 def test_time_budget_keeps_freed_memory_on_the_cpu(monkeypatch, device: str, env: str | None, kept: bool) -> None:
     # like `mednext train`: the budgeted loop (MedNeXt and the engine's U-Net alike) runs inside

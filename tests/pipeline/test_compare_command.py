@@ -62,8 +62,9 @@ def test_compare_trains_resumes_reuses_and_reports(tmp_path: Path) -> None:
         assert not (theirs / "checkpoint_final.pth").is_file()
         assert not (out / "compare.json").is_file()
 
-        # ... continues where it stopped, and a second fold is added
-        assert main(["compare", "972", *work, "--out", str(out), *MODELS, "--folds", "0", "1", *RUN]) == 0
+        # ... continues where it stopped; a second fold and nnU-Net's residual-encoder preset M are added
+        three = [*MODELS, "nnunet-resenc:M"]
+        assert main(["compare", "972", *work, "--out", str(out), *three, "--folds", "0", "1", *RUN]) == 0
     assert ours.read_bytes() == before
     peak = json.loads((theirs / "mednext_training_peak.json").read_text())
     assert peak["resumed"] is True and peak["peak_memory_mb"] > 0
@@ -73,14 +74,21 @@ def test_compare_trains_resumes_reuses_and_reports(tmp_path: Path) -> None:
     report = json.loads((out / "compare.json").read_text())
     splits = json.loads((workdir / "nnUNet_preprocessed" / "Dataset972_Versus" / "splits_final.json").read_text())
     assert sorted(report["cases"]) == sorted(splits[0]["val"] + splits[1]["val"])
-    assert [m["spec"] for m in report["models"]] == ["mednext:S:k3:2d", "nnunet:2d"]
+    assert [m["spec"] for m in report["models"]] == ["mednext:S:k3:2d", "nnunet:2d", "nnunet-resenc:M:2d"]
+    # the engine's own planner made ResEnc M's plans, and its network is the engine's
+    plans = json.loads((results / "nnUNetTrainer_budget__nnUNetResEncUNetMPlans__2d" / "plans.json").read_text())
+    assert plans["experiment_planner_used"] == "nnUNetPlannerResEncM"
+    assert plans["configurations"]["2d"]["architecture"]["network_class_name"].endswith("ResidualEncoderUNet")
     assert report["baseline"] == "nnunet:2d" and report["classes"] == ["ball", "box"]
-    assert {(r["metric"], r["class"]) for r in report["comparisons"]} == {
-        (m, c) for m in ("dice", "nsd") for c in ("ball", "box", "mean over classes")
-    }
+    assert sorted((r["model"], r["metric"], r["class"]) for r in report["comparisons"]) == sorted(
+        (s, m, c)
+        for s in ("mednext:S:k3:2d", "nnunet-resenc:M:2d")
+        for m in ("dice", "nsd")
+        for c in ("ball", "box", "mean over classes")
+    )
     for row in report["comparisons"]:
         assert row["n"] == 2 and row["wins"] + row["ties"] + row["losses"] == 2 and 0 < row["p_value"] <= 1
-    for spec in ("mednext:S:k3:2d", "nnunet:2d"):
+    for spec in ("mednext:S:k3:2d", "nnunet:2d", "nnunet-resenc:M:2d"):
         costs = report["costs"][spec]
         assert costs["parameters"] > 0 and costs["time_per_epoch_s"] > 0 and costs["inference_s_per_case"] > 0
         assert costs["epochs_per_fold"] == [2, 2]
@@ -88,6 +96,7 @@ def test_compare_trains_resumes_reuses_and_reports(tmp_path: Path) -> None:
     assert report["costs"]["nnunet:2d"]["peak_memory_mb"] > 0
     text = (out / "compare.md").read_text()
     assert "MedNeXt-S k3 2d against nnU-Net 2d (Dice): " in text and "## Cost" in text
+    assert "nnU-Net ResEnc M 2d against nnU-Net 2d (NSD): " in text
     for name in ("paired_dice.png", "paired_nsd.png", "cost_vs_dice.png"):
         assert (out / name).stat().st_size > 1000
 
