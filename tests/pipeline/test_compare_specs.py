@@ -96,6 +96,7 @@ def _report() -> dict:
         ],
         "baseline": "nnunet:3d_fullres",
         "classes": ["liver", "spleen"],
+        "case_source": "out-of-fold validation cases",
         "cases": {},
         "means": {
             s: {

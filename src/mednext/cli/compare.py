@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         if args.models or args.epochs is not None or args.hours is not None:
             raise UserError("--report-only trains nothing: drop --models/--epochs/--hours (the folder records them)")
         use_workdir(args.workdir)
-        write_report(args.out)
+        write_report(args.out, dataset=args.dataset)
         return 0
     if not args.models:
         raise UserError("give the models to compare: --models mednext:S:k3 nnunet:3d_fullres [...]")

@@ -929,9 +929,11 @@ def _costs(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def build_report(out: str | os.PathLike) -> dict[str, Any]:
+def build_report(out: str | os.PathLike, dataset: str | int | None = None) -> dict[str, Any]:
     """What ``compare.json`` holds, computed from ``out``'s settings, records and saved predictions
-    (the working folder must be set: :func:`mednext.pipeline.workdir.use_workdir`)."""
+    (the working folder must be set: :func:`mednext.pipeline.workdir.use_workdir`); ``dataset``, when
+    given, must be the compared one."""
+    from mednext.pipeline.datasets import resolve_dataset
     from mednext.pipeline.workdir import preprocessed_folder
 
     out = Path(out)
@@ -940,6 +942,8 @@ def build_report(out: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"{out} holds no comparison (no compare_settings.json); run 'mednext compare' first")
     setup = json.loads(settings_path.read_text(encoding="utf-8"))
     name, folds = setup["dataset"], setup["folds"]
+    if dataset is not None and not os.path.isdir(str(dataset)) and resolve_dataset(dataset) != name:
+        raise UserError(f"{out} holds a comparison on {name}, not on {dataset}; give {name} or another --out")
     specs = [parse_model_spec(t) for t in setup["models"]]
     baseline = parse_model_spec(setup["baseline"])
     if setup.get("cases") is not None:  # cases held out of the training (the demo), scored against their labels
@@ -1034,11 +1038,13 @@ def build_report(out: str | os.PathLike) -> dict[str, Any]:
     }
 
 
-def write_report(out: str | os.PathLike, log: Callable[[str], Any] = print) -> dict[str, Any]:
+def write_report(
+    out: str | os.PathLike, log: Callable[[str], Any] = print, dataset: str | int | None = None
+) -> dict[str, Any]:
     """Compute the report from ``out``'s saved predictions and records (:func:`build_report`) and write
     ``compare.json``, ``compare.md`` and the plots, each atomically; return the report."""
     out = Path(out)
-    report = build_report(out)
+    report = build_report(out, dataset)
     atomic_write_json(out / "compare.json", report, indent=1, allow_nan=False)
     text = markdown(report)
     atomic_write_text(out / "compare.md", text)
