@@ -152,3 +152,28 @@ def test_the_verdict_reads_like_a_paper() -> None:
     assert sentence in text
     assert "| MedNeXt-S k3 3d_fullres | liver | +2.1 | 0.8 to 3.4 | 0.004 | 15/2/3 |" in text
     assert "| MedNeXt-S k3 3d_fullres | 5,600,000 | 50 | 100.00 | 1.389 | 8.79 | 3.00 |" in text
+
+
+def test_trainings_of_another_budget_are_not_reused(tmp_path) -> None:
+    import json
+    from dataclasses import asdict
+
+    import torch
+
+    from mednext.pipeline.compare import BUDGET_FILE, _check_budget
+
+    spec = parse_model_spec("mednext:S:k3")
+    folder = tmp_path / "fold_0"
+    folder.mkdir()
+    _check_budget(folder, Budget(epochs=5), spec)  # nothing there yet
+    # an ordinary training (mednext train) of 5 epochs of the recipe's 250 iterations
+    torch.save({"mednext": {"num_epochs": 5, "iterations_per_epoch": 250}}, folder / "checkpoint_final.pth")
+    _check_budget(folder, Budget(epochs=5), spec)
+    for other in (Budget(epochs=6), Budget(epochs=5, iters_per_epoch=100), Budget(hours=1.0)):
+        with pytest.raises(UserError, match="delete .*fold_0 to train it again"):
+            _check_budget(folder, other, spec)
+    # a comparison's training: its recorded budget decides
+    (folder / BUDGET_FILE).write_text(json.dumps(asdict(Budget(hours=1.0))))
+    _check_budget(folder, Budget(hours=1.0), spec)
+    with pytest.raises(UserError, match="another budget"):
+        _check_budget(folder, Budget(hours=2.0), spec)

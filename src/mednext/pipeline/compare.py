@@ -379,6 +379,7 @@ def fold_folder(spec: ModelSpec, dataset_name: str, fold: int | str) -> Path:
 BUDGET_FILE = "mednext_budget.json"  # the budget a training in a results folder was started under
 PEAK_FILE = "mednext_training_peak.json"  # its peak memory, measured when it finished
 INFERENCE_CASES = 3  # validation cases per fold whose prediction is timed
+RECIPE_ITERATIONS = 250  # training iterations per epoch of both recipes when the budget names none
 
 
 def _check_budget(folder: Path, budget: Budget, spec: ModelSpec) -> None:
@@ -401,7 +402,7 @@ def _check_budget(folder: Path, budget: Budget, spec: ModelSpec) -> None:
     same = (
         budget.epochs is not None
         and saved.get("num_epochs") == budget.epochs
-        and (budget.iters_per_epoch is None or saved.get("iterations_per_epoch") == budget.iters_per_epoch)
+        and saved.get("iterations_per_epoch") == (budget.iters_per_epoch or RECIPE_ITERATIONS)
     )
     if not same:
         raise UserError(
