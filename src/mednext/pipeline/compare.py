@@ -472,11 +472,13 @@ def run_fold(job: FoldJob) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats(device)
     trained_here = not (folder / "checkpoint_final.pth").is_file()
     trainer = None
+    iterations = 0
     if trained_here:
         resume = (folder / "checkpoint_latest.pth").is_file()
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_json(folder / BUDGET_FILE, asdict(budget))
         trainer = train(replace(settings, resume=resume))
+        iterations = int(trainer.iterations_done)
         # kept beside the training, so that a comparison interrupted during validation still knows it
         atomic_write_json(
             folder / PEAK_FILE,
@@ -506,7 +508,7 @@ def run_fold(job: FoldJob) -> dict[str, Any]:
         record["inference_s_per_case"] = float(np.mean(timed)) if timed else None
         record["inference_cases_timed"] = len(timed)
     if trainer is not None:
-        record.update(training_costs(trainer))
+        record.update(training_costs(trainer), iterations_this_run=iterations)
     return record
 
 
