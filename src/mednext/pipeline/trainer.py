@@ -18,9 +18,10 @@ What differs from the engine's trainer, and nothing else:
 * checkpoints: written every epoch whole or not at all, with plain Python values only so that
   ``torch.load(..., weights_only=True)`` reads them; a JSON log per epoch; a progress bar.
 
-The epoch loop is :class:`EpochLoop`, shared with the demo's time-budgeted trainers: the engine's
-hooks in the engine's order, plus a progress bar, the CPU memory policy and one hook after each
-epoch (:meth:`EpochLoop.after_epoch`) that may change how many epochs are left.
+The epoch loop is :class:`EpochLoop`, shared with the demo's trainers and with the engine's own
+trainer as ``mednext compare`` runs it (:mod:`mednext.pipeline.nnunet_trainer`): the engine's hooks
+in the engine's order, plus a progress bar, the CPU memory policy, an optional wall-clock budget and
+one hook after each epoch (:meth:`EpochLoop.after_epoch`) that may change how many epochs are left.
 
 Engine names that are private but still overridden here (no public hook exists):
 ``_get_deep_supervision_scales``, because the engine derives the scales from its U-Net's stride list
