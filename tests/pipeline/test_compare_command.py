@@ -35,6 +35,14 @@ def _interrupt_when(command: list[str], target: Path, env: dict[str, str], limit
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        # the training process dies with it; its folder locks go when it has exited, not when it is signalled
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
 
 
 @pytest.mark.slow
