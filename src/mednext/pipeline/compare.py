@@ -183,7 +183,7 @@ class Budget:
             raise UserError(f"--val-iters {self.val_iters!r}: give a whole number >= 0")
 
     def describe(self) -> str:
-        what = f"{self.epochs} epochs" if self.epochs is not None else f"{self.hours:g} h of training"
+        what = _count(self.epochs, "epoch") if self.epochs is not None else f"{self.hours:g} h of training"
         if self.iters_per_epoch is not None:
             what += f" of {self.iters_per_epoch} iterations"
         if self.max_epochs is not None:
@@ -426,6 +426,10 @@ def _epoch_line(job: FoldJob) -> Callable[[Any, Any], None]:
         )
 
     return line
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 def _hms(seconds: float) -> str:
@@ -1103,11 +1107,12 @@ def markdown(report: dict[str, Any]) -> str:
     specs = [m["spec"] for m in report["models"]]
     n_cases = len(report["cases"])
     budget = report["budget"]
-    length = f"{budget['epochs']} epochs" if budget["epochs"] is not None else f"{budget['hours']:g} h"
+    length = _count(budget["epochs"], "epoch") if budget["epochs"] is not None else f"{budget['hours']:g} h"
     lines = [
         f"# Comparison on {report['dataset']}",
         "",
-        f"{len(specs)} models, folds {' '.join(map(str, report['folds']))} ({n_cases} {report['case_source']}), "
+        f"{len(specs)} models, {'folds' if len(report['folds']) > 1 else 'fold'} "
+        f"{' '.join(map(str, report['folds']))} ({n_cases} {report['case_source'].removesuffix('s') if n_cases == 1 else report['case_source']}), "
         f"{length} of training per model and fold. Scores in points (0-100); differences are model minus "
         f"{labels[report['baseline']]}, with a 95% bootstrap interval, the Wilcoxon signed-rank p-value and "
         "wins/ties/losses over cases.",
