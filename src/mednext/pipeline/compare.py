@@ -1106,13 +1106,14 @@ def markdown(report: dict[str, Any]) -> str:
     labels = {m["spec"]: m["label"] for m in report["models"]}
     specs = [m["spec"] for m in report["models"]]
     n_cases = len(report["cases"])
+    source = report["case_source"].removesuffix("s") if n_cases == 1 else report["case_source"]
     budget = report["budget"]
     length = _count(budget["epochs"], "epoch") if budget["epochs"] is not None else f"{budget['hours']:g} h"
     lines = [
         f"# Comparison on {report['dataset']}",
         "",
         f"{len(specs)} models, {'folds' if len(report['folds']) > 1 else 'fold'} "
-        f"{' '.join(map(str, report['folds']))} ({n_cases} {report['case_source'].removesuffix('s') if n_cases == 1 else report['case_source']}), "
+        f"{' '.join(map(str, report['folds']))} ({n_cases} {source}), "
         f"{length} of training per model and fold. Scores in points (0-100); differences are model minus "
         f"{labels[report['baseline']]}, with a 95% bootstrap interval, the Wilcoxon signed-rank p-value and "
         "wins/ties/losses over cases.",
