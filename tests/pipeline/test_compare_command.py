@@ -23,7 +23,7 @@ MODELS = ["--models", "mednext:S:k3", "nnunet:2d"]
 
 
 def _interrupt_when(command: list[str], target: Path, env: dict[str, str], limit_s: float = 300.0) -> None:
-    """Start ``command`` and kill it (and its training process) once ``target`` exists."""
+    """Start ``command`` and kill it once ``target`` exists; its training process must end with it."""
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
                             start_new_session=True)  # fmt: skip
     try:
@@ -33,16 +33,19 @@ def _interrupt_when(command: list[str], target: Path, env: dict[str, str], limit
             assert time.monotonic() < deadline, f"{target} did not appear"
             time.sleep(0.1)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        proc.kill()  # the comparison only, as a scheduler's kill or a closed terminal would
         proc.wait()
-        # the training process dies with it; its folder locks go when it has exited, not when it is signalled
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(proc.pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.1)
+    # the training process it started ends with it (its folder locks go when it has exited)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        if time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError("the training process outlived the killed comparison")
+        time.sleep(0.1)
 
 
 @pytest.mark.slow

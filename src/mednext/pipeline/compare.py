@@ -25,12 +25,14 @@ is trained (or resumed) and validated when the command runs again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import multiprocessing
 import os
 import re
 import shutil
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -304,7 +306,6 @@ def prepare_model(
 
 def _quiet(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Run an engine step with its stdout captured (shown only if it fails)."""
-    import contextlib
     import io
 
     buffer = io.StringIO()
@@ -689,7 +690,23 @@ def _is_prediction(path: Path, dataset_json: dict) -> bool:
 
 
 def _child(job: FoldJob, result: str) -> None:
+    _end_with_parent()
     atomic_write_json(result, run_fold(job), indent=1)
+
+
+def _end_with_parent() -> None:
+    """On Linux, have the kernel stop this process when the comparison that started it dies, so that a
+    killed comparison leaves no training behind that holds its folders (every write is atomic)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() == 1:  # the parent died before the request was made
+        os._exit(1)
 
 
 def train_fold(job: FoldJob, result_path: str | os.PathLike) -> dict[str, Any]:
