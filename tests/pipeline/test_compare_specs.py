@@ -6,7 +6,8 @@ import pytest
 
 from mednext.cli import main
 from mednext.errors import UserError
-from mednext.pipeline.compare import Budget, markdown, parse_model_spec, resolve_models, verdict_sentence
+from mednext.pipeline.compare import Budget, parse_model_spec, resolve_models
+from mednext.pipeline.compare_report import markdown, verdict_sentence
 
 
 def test_specs_name_the_engines_trainers_and_plans() -> None:

@@ -43,6 +43,7 @@ import numpy as np
 
 from mednext.errors import UserError
 from mednext.files import atomic_write, atomic_write_json, atomic_write_text, folder_lock, remove_stale_temporaries
+from mednext.pipeline.compare_report import INFERENCE_CASES, METRICS, OVERALL, count, markdown, overall, save_plots
 from mednext.pipeline.stats import ALPHA, CONFIDENCE, RESAMPLES, SEED, TIE_MARGIN, paired_comparison
 from mednext.pipeline.trainer import PRESETS, trainer_class_name
 from mednext.pipeline.workdir import DEFAULT_PROCESSES, engine_setting
@@ -72,8 +73,6 @@ SPEC_FORMS = (
     "nnunet:<2d|3d_fullres> (the engine's default U-Net), nnunet-resenc:<M|L|XL>[:<2d|3d_fullres>] "
     "(the engine's residual-encoder presets)"
 )
-METRICS = ("dice", "nsd")
-OVERALL = "mean over classes"
 RECORD_KEYS = ("model", "fold", "budget")
 
 
@@ -185,7 +184,7 @@ class Budget:
             raise UserError(f"--val-iters {self.val_iters!r}: give a whole number >= 0")
 
     def describe(self) -> str:
-        what = _count(self.epochs, "epoch") if self.epochs is not None else f"{self.hours:g} h of training"
+        what = count(self.epochs, "epoch") if self.epochs is not None else f"{self.hours:g} h of training"
         if self.iters_per_epoch is not None:
             what += f" of {self.iters_per_epoch} iterations"
         if self.max_epochs is not None:
@@ -379,7 +378,6 @@ def fold_folder(spec: ModelSpec, dataset_name: str, fold: int | str) -> Path:
 
 BUDGET_FILE = "mednext_budget.json"  # the budget a training in a results folder was started under
 PEAK_FILE = "mednext_training_peak.json"  # its peak memory, measured when it finished
-INFERENCE_CASES = 3  # validation cases per fold whose prediction is timed
 RECIPE_ITERATIONS = 250  # training iterations per epoch of both recipes when the budget names none
 
 
@@ -427,10 +425,6 @@ def _epoch_line(job: FoldJob) -> Callable[[Any, Any], None]:
         )
 
     return line
-
-
-def _count(n: int, word: str) -> str:
-    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 def _hms(seconds: float) -> str:
@@ -918,11 +912,6 @@ def _scores(
     return scores
 
 
-def _overall(per_class: dict[str, dict[str, float | None]], metric: str) -> float | None:
-    values = [v[metric] for v in per_class.values() if v[metric] is not None]
-    return float(np.mean(values)) if values else None
-
-
 def _summary(values: Sequence[float | None]) -> dict[str, float | int | None]:
     kept = np.array([v for v in values if v is not None], dtype=float)
     if kept.size == 0:
@@ -995,7 +984,7 @@ def build_report(out: str | os.PathLike, dataset: str | int | None = None) -> di
         per_model[spec.text] = {
             m: {
                 **{c: _summary([rows[case][c][m] for case in cases]) for c in classes},
-                OVERALL: _summary([_overall(rows[case], m) for case in cases]),
+                OVERALL: _summary([overall(rows[case], m) for case in cases]),
             }
             for m in METRICS
         }
@@ -1008,7 +997,7 @@ def build_report(out: str | os.PathLike, dataset: str | int | None = None) -> di
 
                 def value(model: str, case: str, c: str = c, metric: str = metric) -> float:
                     row = scores[model][case]
-                    v = _overall(row, metric) if c == OVERALL else row[c][metric]
+                    v = overall(row, metric) if c == OVERALL else row[c][metric]
                     return math.nan if v is None else v
 
                 a = [value(spec.text, case) for case in cases]
@@ -1076,202 +1065,3 @@ def write_report(
     log(text)
     log(f"report: {out / 'compare.json'}, {out / 'compare.md'}, " + ", ".join(p.name for p in plots))
     return report
-
-
-# ----------------------------------------------------------------------------- words and tables
-
-
-def _pts(value: float | None, signed: bool = False) -> str:
-    if value is None:
-        return "-"
-    return f"{100 * value:+.1f}" if signed else f"{100 * value:.1f}"
-
-
-def _p(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.3f}" if value >= 0.001 else "<0.001"
-
-
-def verdict_sentence(report: dict[str, Any], model: str, metric: str = "dice") -> str:
-    """``"MedNeXt-S k3 against nnU-Net 3d_fullres (Dice): better on liver (+2.1 Dice, 95% CI 0.8 to 3.4,
-    p=0.004), not distinguishable on spleen (...)"``."""
-    labels = {m["spec"]: m["label"] for m in report["models"]}
-    name = "Dice" if metric == "dice" else "NSD"
-    parts = []
-    for row in report["comparisons"]:
-        if row["model"] != model or row["metric"] != metric:
-            continue
-        where = "overall" if row["class"] == OVERALL else f"on {row['class']}"
-        if row["n"] == 0:
-            parts.append(f"no scores {where}")
-            continue
-        ci = (
-            f", 95% CI {_pts(row['ci_low'])} to {_pts(row['ci_high'])}"
-            if row["ci_low"] is not None
-            else ", no interval"
-        )
-        parts.append(
-            f"{row['verdict']} {where} ({_pts(row['mean_difference'], True)} {name}{ci}, p={_p(row['p_value'])}, "
-            f"n={row['n']})"
-        )
-    return f"{labels[model]} against {labels[report['baseline']]} ({name}): " + "; ".join(parts) + "."
-
-
-def markdown(report: dict[str, Any]) -> str:
-    """``compare.md``: the scores, the paired differences, the costs and the verdict in words."""
-    labels = {m["spec"]: m["label"] for m in report["models"]}
-    specs = [m["spec"] for m in report["models"]]
-    n_cases = len(report["cases"])
-    source = report["case_source"].removesuffix("s") if n_cases == 1 else report["case_source"]
-    budget = report["budget"]
-    length = _count(budget["epochs"], "epoch") if budget["epochs"] is not None else f"{budget['hours']:g} h"
-    lines = [
-        f"# Comparison on {report['dataset']}",
-        "",
-        f"{len(specs)} models, {'folds' if len(report['folds']) > 1 else 'fold'} "
-        f"{' '.join(map(str, report['folds']))} ({n_cases} {source}), "
-        f"{length} of training per model and fold. Scores in points (0-100); differences are model minus "
-        f"{labels[report['baseline']]}, with a 95% bootstrap interval, the Wilcoxon signed-rank p-value and "
-        "wins/ties/losses over cases.",
-        "",
-        "## Verdict",
-        "",
-    ]
-    for spec in specs:
-        if spec != report["baseline"]:
-            lines += [f"- {verdict_sentence(report, spec, m)}" for m in METRICS]
-    for metric in METRICS:
-        title = "Dice" if metric == "dice" else f"NSD ({report['statistics']['nsd_tolerance_mm']:g} mm)"
-        lines += ["", f"## {title}", "", "| class | " + " | ".join(labels[s] for s in specs) + " |"]
-        lines.append("|---" * (len(specs) + 1) + "|")
-        for c in [*report["classes"], OVERALL]:
-            cells = []
-            for s in specs:
-                row = report["means"][s][metric][c]
-                sd = f" ± {_pts(row['sd'])}" if row["sd"] is not None else ""
-                cells.append(f"{_pts(row['mean'])}{sd}")
-            lines.append(f"| {c} | " + " | ".join(cells) + " |")
-        lines += ["", "| model | class | difference | 95% CI | p | wins/ties/losses |", "|---|---|---|---|---|---|"]
-        for row in report["comparisons"]:
-            if row["metric"] != metric:
-                continue
-            ci = f"{_pts(row['ci_low'])} to {_pts(row['ci_high'])}" if row["ci_low"] is not None else "-"
-            lines.append(
-                f"| {labels[row['model']]} | {row['class']} | {_pts(row['mean_difference'], True)} | {ci} | "
-                f"{_p(row['p_value'])} | {row['wins']}/{row['ties']}/{row['losses']} |"
-            )
-    lines += [
-        "",
-        "## Cost",
-        "",
-        "| model | parameters | epochs per fold | s per epoch | training h per fold | peak memory (GB) | "
-        "inference s per case |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for s in specs:
-        c = report["costs"][s]
-        epochs = sorted({e for e in c["epochs_per_fold"] if e is not None})
-        lines.append(
-            f"| {labels[s]} | {_num(c['parameters'], ',')} | {'/'.join(map(str, epochs)) or '-'} | "
-            f"{_num(c['time_per_epoch_s'], '.2f')} | {_num(_div(c['train_s_per_fold'], 3600), '.3f')} | "
-            f"{_num(_div(c['peak_memory_mb'], 1024), '.2f')} | {_num(c['inference_s_per_case'], '.2f')} |"
-        )
-    kinds = sorted({str(report["costs"][s]["peak_memory_kind"]) for s in specs})
-    lines += [
-        "",
-        f"Peak memory: {'; '.join(kinds)}. Inference: the engine's sliding-window prediction with mirroring of "
-        f"up to {INFERENCE_CASES} validation cases per fold, preprocessed case to logits. Costs were measured on "
-        f"{', '.join(sorted({d for s in specs for d in report['costs'][s]['device']}))}.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def _num(value: float | int | None, fmt: str) -> str:
-    return "-" if value is None else format(value, fmt)
-
-
-def _div(value: float | None, by: float) -> float | None:
-    return None if value is None else value / by
-
-
-# ----------------------------------------------------------------------------- plots
-
-
-def save_plots(report: dict[str, Any], out: Path) -> list[Path]:
-    """``paired_dice.png``, ``paired_nsd.png`` (per class: each case's difference to the baseline, the
-    mean and its interval) and ``cost_vs_dice.png``; returns their paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
-    with plt.style.context("default"):
-        for metric in METRICS:
-            written.append(_paired_figure(plt, report, metric, out / f"paired_{metric}.png"))
-        written.append(_cost_figure(plt, report, out / "cost_vs_dice.png"))
-    return written
-
-
-def _save(fig: Any, path: Path) -> Path:
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
-    return path
-
-
-def _paired_figure(plt: Any, report: dict[str, Any], metric: str, path: Path) -> Path:
-    labels = {m["spec"]: m["label"] for m in report["models"]}
-    others = [m["spec"] for m in report["models"] if m["spec"] != report["baseline"]]
-    classes = [*report["classes"], OVERALL]
-    fig, axes = plt.subplots(len(others), 1, figsize=(max(5.0, 1.4 * len(classes) + 2), 3.2 * len(others)),
-                             squeeze=False)  # fmt: skip
-    rng = np.random.default_rng(0)  # horizontal jitter only
-    for ax, spec in zip(axes[:, 0], others, strict=True):
-        for x, c in enumerate(classes):
-            diffs = []
-            for case in report["cases"].values():
-                a, b = case[spec], case[report["baseline"]]
-                va = _overall(a, metric) if c == OVERALL else a[c][metric]
-                vb = _overall(b, metric) if c == OVERALL else b[c][metric]
-                if va is not None and vb is not None:
-                    diffs.append(100 * (va - vb))
-            ax.scatter(x + rng.uniform(-0.15, 0.15, len(diffs)), diffs, s=14, alpha=0.6, color="tab:blue")
-            row = next(
-                r for r in report["comparisons"] if r["model"] == spec and r["metric"] == metric and r["class"] == c
-            )
-            if row["mean_difference"] is not None:
-                low = row["ci_low"] if row["ci_low"] is not None else row["mean_difference"]
-                high = row["ci_high"] if row["ci_high"] is not None else row["mean_difference"]
-                mean = 100 * row["mean_difference"]
-                ax.errorbar(x + 0.3, mean, yerr=[[mean - 100 * low], [100 * high - mean]], fmt="o", color="black",
-                            capsize=4)  # fmt: skip
-        ax.axhline(0, color="grey", lw=0.8)
-        ax.set_xticks(range(len(classes)), classes)
-        ax.set_ylabel(f"{'Dice' if metric == 'dice' else 'NSD'} difference (points)")
-        ax.set_title(f"{labels[spec]} minus {labels[report['baseline']]} per case (dots); mean and 95% CI (black)")
-    fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
-    return path
-
-
-def _cost_figure(plt: Any, report: dict[str, Any], path: Path) -> Path:
-    fig, (ax_train, ax_infer) = plt.subplots(1, 2, figsize=(10, 4))
-    for m in report["models"]:
-        costs = report["costs"][m["spec"]]
-        dice = report["means"][m["spec"]]["dice"][OVERALL]["mean"]
-        if dice is None:
-            continue
-        for ax, value in ((ax_train, costs["train_s_per_fold"]), (ax_infer, costs["inference_s_per_case"])):
-            if value is not None:
-                ax.scatter([value], [100 * dice], s=40)
-                ax.annotate(m["label"], (value, 100 * dice), textcoords="offset points", xytext=(5, 5))
-    ax_train.set_xlabel("training seconds per fold")
-    ax_infer.set_xlabel("inference seconds per case")
-    for ax in (ax_train, ax_infer):
-        ax.set_ylabel("mean Dice over classes (points)")
-    fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
-    return path
