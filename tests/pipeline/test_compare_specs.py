@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from mednext.cli import main
@@ -178,3 +180,21 @@ def test_trainings_of_another_budget_are_not_reused(tmp_path) -> None:
     _check_budget(folder, Budget(hours=1.0), spec)
     with pytest.raises(UserError, match="another budget"):
         _check_budget(folder, Budget(hours=2.0), spec)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM is Linux's")
+def test_a_spawned_process_reports_its_own_peak_memory() -> None:
+    # the training's child must not report its parent's peak (Linux keeps ru_maxrss through fork and exec)
+    import multiprocessing
+
+    import numpy as np
+    import torch
+
+    from mednext.pipeline.compare import peak_memory_mb
+
+    held = np.ones(2**28, dtype=np.uint8)  # 256 MiB touched by this process
+    mine = peak_memory_mb(torch.device("cpu"))
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        child = pool.apply(peak_memory_mb, (torch.device("cpu"),))
+    del held
+    assert 0 < child < mine - 200

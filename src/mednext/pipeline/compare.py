@@ -438,7 +438,6 @@ def run_fold(job: FoldJob) -> dict[str, Any]:
     """Train (or resume, or reuse) ``job``'s model on its fold and, with ``job.validate``, let the
     engine's validation predict the fold's validation cases; return the record of costs. Runs in the
     calling process (:func:`train_fold` runs it in a child)."""
-    import resource
     from dataclasses import replace
 
     import torch
@@ -481,7 +480,7 @@ def run_fold(job: FoldJob) -> dict[str, Any]:
         # kept beside the training, so that a comparison interrupted during validation still knows it
         atomic_write_json(
             folder / PEAK_FILE,
-            {"peak_memory_mb": _peak_memory(device, resource), "peak_memory_kind": memory_kind(device),
+            {"peak_memory_mb": peak_memory_mb(device), "peak_memory_kind": memory_kind(device),
              "device": str(device), "resumed": resume},
         )  # fmt: skip
     peak = json.loads((folder / PEAK_FILE).read_text(encoding="utf-8")) if (folder / PEAK_FILE).is_file() else {}
@@ -660,23 +659,26 @@ def memory_kind(device: Any) -> str:
     """What :func:`peak_memory_mb` measures on ``device``, in words."""
     if device.type == "cuda":
         return "torch.cuda.max_memory_allocated during training"
-    return "peak resident memory (ru_maxrss) of the training process"
+    return "peak resident memory of the training process"
 
 
 def peak_memory_mb(device: Any) -> float:
-    """The peak memory of this process so far: ``torch.cuda.max_memory_allocated`` on CUDA, else the
-    peak resident memory (``ru_maxrss``), in MiB."""
-    import resource
-
-    return _peak_memory(device, resource)
-
-
-def _peak_memory(device: Any, resource: Any) -> float:
+    """The peak memory of this process so far, in MiB: ``torch.cuda.max_memory_allocated`` on CUDA,
+    else the peak resident memory since the process started its program: ``VmHWM`` on Linux (its
+    ``ru_maxrss`` carries the parent's peak over through fork and exec), ``ru_maxrss`` elsewhere."""
     import torch
 
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text(encoding="utf-8").splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0  # kB
+    import resource
+
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024.0  # bytes on macOS, kB elsewhere
 
 
 def _is_prediction(path: Path, dataset_json: dict) -> bool:
