@@ -182,6 +182,7 @@ def test_trainings_of_another_budget_are_not_reused(tmp_path) -> None:
         _check_budget(folder, Budget(hours=2.0), spec)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM is Linux's")
 def test_a_spawned_process_reports_its_own_peak_memory() -> None:
     # the training's child must not report its parent's peak (Linux keeps ru_maxrss through fork and exec)
