@@ -179,6 +179,20 @@ def test_time_budget_sets_epochs_and_schedule(
         assert t.lr_scheduler.max_steps == epochs
 
 
+def test_a_resumed_run_counts_its_logged_epochs_against_the_budget(monkeypatch) -> None:
+    # the pipeline's budget (mednext compare --hours): three epochs of 11 s were trained before the interruption
+    clock = _Clock()
+    monkeypatch.setattr(time, "perf_counter", clock.perf_counter)
+    t = _BudgetedFake(clock)
+    t.current_epoch, t.budget_s, t.max_epochs = 3, 110.0, None
+    t.logger.get_checkpoint = lambda: {"epoch_start_timestamps": [0.0, 11.0, 22.0],
+                                       "epoch_end_timestamps": [11.0, 22.0, 33.0]}  # fmt: skip
+    t.run_training()
+    assert t.budget_spent_before == 33.0
+    assert t.current_epoch == 10  # 3 before + floor((110 - 33) / 11) after
+    assert t.budget_log[-1]["elapsed_s"] == pytest.approx(110.0)
+
+
 @pytest.mark.parametrize(("device", "env", "kept"), [("cpu", None, True), ("cpu", "0", False), ("cuda", None, False)])
 def test_time_budget_keeps_freed_memory_on_the_cpu(monkeypatch, device: str, env: str | None, kept: bool) -> None:
     # like `mednext train`: the budgeted loop (MedNeXt and the engine's U-Net alike) runs inside
@@ -413,6 +427,20 @@ def test_shortened_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture
 
     header = next(line for line in printed.splitlines() if line.startswith("class"))
     assert "MedNeXt-S k3" in header and "nnU-Net 2d" in header
+
+    # --compare nnunet is mednext compare's machinery on one case and one fold: its report, same scores
+    report = json.loads((out / "compare" / "compare.json").read_text())
+    assert [m["spec"] for m in report["models"]] == ["mednext:S:k3:2d", "nnunet:2d"]
+    assert report["baseline"] == "nnunet:2d" and report["folds"] == ["all"]
+    assert list(report["cases"]) == [on_disk["case"]] and report["case_source"] == "held-out cases"
+    for spec, dice in (("mednext:S:k3:2d", on_disk["dice"]), ("nnunet:2d", on_disk["nnunet"]["dice"])):
+        scored = report["cases"][on_disk["case"]][spec]
+        assert {name: scored[name]["dice"] for name in CLASSES} == pytest.approx(dice, abs=1e-4)
+        assert report["costs"][spec]["parameters"] > 0 and report["costs"][spec]["peak_memory_mb"] > 0
+    assert all(row["n"] <= 1 and row["verdict"] == "not distinguishable" for row in report["comparisons"])
+    assert "MedNeXt-S k3 2d against nnU-Net 2d (Dice)" in (out / "compare" / "compare.md").read_text()
+    engine = json.loads((out / "compare" / "runs" / "nnunet_2d" / "fold_all.json").read_text())
+    assert engine["trained_in_this_comparison"] is True and engine["epochs"] == 1
     for name in CLASSES:
         assert any(line.split()[:1] == [name] for line in printed.splitlines()), name
 

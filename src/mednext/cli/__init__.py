@@ -18,7 +18,7 @@ from mednext.version import __version__
 
 # Order shown in --help.
 COMMANDS = [
-    "plan", "train", "predict", "evaluate", "find_best", "ensemble", "postprocess", "env",
+    "plan", "train", "predict", "evaluate", "compare", "find_best", "ensemble", "postprocess", "env",
     "upkern", "export", "summary", "demo", "benchmark",
 ]  # fmt: skip
 

@@ -21,9 +21,7 @@ import contextlib
 import io
 import json
 import math
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -31,27 +29,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
-from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
-from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
 from mednext.demo.data import prepare_demo_dataset
-from mednext.demo.trainer import MedNeXtDemoTrainer, demo_trainer_class, nnUNetTrainer_demoBudget
+from mednext.demo.trainer import MedNeXtDemoTrainer, demo_trainer_class
 from mednext.files import atomic_write, atomic_write_text, resolve_device
-from mednext.pipeline.datasets import dataset_id_of
+from mednext.pipeline import compare
 from mednext.pipeline.evaluate import LabelSet, evaluate_case
-from mednext.pipeline.io import InputCase
 from mednext.pipeline.planning import RECIPES
-from mednext.pipeline.predictor import predict, predict_case
+from mednext.pipeline.predictor import predict
 from mednext.pipeline.preprocessed import preprocess
 from mednext.pipeline.runner import PlanSettings, TrainSettings, find_plans, plan, results_folder_of, train
-from mednext.pipeline.workdir import AUGMENTATION_WORKERS, engine_setting, preprocessed_folder, use_workdir
+from mednext.pipeline.workdir import preprocessed_folder, use_workdir
 
 CONFIGURATION = "2d"
 FOLD = "all"
 DEFAULT_MINUTES = 15.0  # training budget; set-up, prediction and scoring come on top
 CT_WINDOW_HU = (-200.0, 250.0)  # wider than the fingerprint's window: enhanced organs stay inside it
-NNUNET_PLANS = "nnUNetPlans"
 CONTEXT_SLICES = 2  # 2.5D: two slices on either side (the choice is explained in docs/demo.md)
 TRAINER_OVERRIDES = frozenset(
     {"rotation_degrees", "mirror_axes", "optimizer_name", "batch_size_override", "foreground_share",
@@ -196,67 +189,29 @@ def train_mednext(settings: DemoSettings, dataset_name: str, device: Any, budget
     )
 
 
-def plan_nnunet(dataset_name: str) -> dict:
-    """nnU-Net's own default planner (``nnUNetPlans``) and preprocessing, 2d only."""
-    dataset_id = dataset_id_of(dataset_name)
-    planner = ExperimentPlanner(dataset_id, gpu_memory_target_in_gb=8, plans_name=NNUNET_PLANS)
-    plans = _quiet_call(planner.plan_experiment)
-    _quiet_call(preprocess_dataset, dataset_id, NNUNET_PLANS, [CONFIGURATION], [1], show_progress_bar=False)
-    return plans
-
-
-def train_nnunet(settings: DemoSettings, dataset_name: str, device: Any, budget_s: float) -> nnUNetTrainer_demoBudget:
-    """The engine's default 2d U-Net and recipe on fold ``all`` under the same budget."""
-    cls = nnUNetTrainer_demoBudget
-    base = preprocessed_folder() / dataset_name
-    plans = json.loads((base / f"{NNUNET_PLANS}.json").read_text(encoding="utf-8"))
-    plans["continue_training"] = False  # nnunetv2 2.8 reads (and pops) this key
-    dataset_json = json.loads((base / "dataset.json").read_text(encoding="utf-8"))
-    shutil.rmtree(results_folder_of(cls, dataset_name, NNUNET_PLANS, CONFIGURATION), ignore_errors=True)
-    with engine_setting(AUGMENTATION_WORKERS, 0 if device.type == "cpu" else None):
-        trainer = _quiet_call(cls, plans=plans, configuration=CONFIGURATION, fold=FOLD, dataset_json=dataset_json,
-                              device=device)  # fmt: skip
-        trainer.budget_s = float(budget_s)
-        trainer.max_epochs = settings.max_epochs
-        trainer.show_progress = settings.show_progress
-        trainer.num_epochs = settings.max_epochs or cls.provisional_epochs
-        trainer.save_every = 1
-        trainer.num_iterations_per_epoch = settings.iters_per_epoch
-        trainer.num_val_iterations_per_epoch = max(1, settings.val_iters)
-        trainer.run_training()
-    return trainer
-
-
-def predict_nnunet(trainer: Any, image: Path, output: Path, tta: bool, crop_body: bool = False) -> Path:
-    """Segment ``image`` with the freshly trained nnU-Net network (the engine's predictor)."""
-    trainer.set_deep_supervision_enabled(False)
-    network = trainer.network
-    network.eval()
-    with contextlib.redirect_stdout(io.StringIO()):
-        predictor = nnUNetPredictor(
-            tile_step_size=0.5,
-            use_gaussian=True,
-            use_mirroring=tta,
-            perform_everything_on_device=trainer.device.type == "cuda",
-            device=trainer.device,
-            verbose=False,
-            allow_tqdm=False,
-        )
-    predictor.manual_initialization(
-        network,
-        trainer.plans_manager,
-        trainer.configuration_manager,
-        [{k: v.detach().clone() for k, v in network.state_dict().items()}],
-        trainer.dataset_json,
-        type(trainer).__name__,
-        trainer.inference_allowed_mirroring_axes,
-    )
-    ending = trainer.dataset_json["file_ending"]
-    with tempfile.TemporaryDirectory(dir=output.parent, prefix=".nnunet-predict-") as tmp:
-        case = InputCase(output.name[: -len(ending)], [image])
-        files = predict_case(predictor, case, Path(tmp) / "pred", crop_body=crop_body)
-        os.replace(files[0], output)
-    return output
+def compare_with_nnunet(
+    settings: DemoSettings, dataset_name: str, device: Any, budget_s: float, workdir: Path, log: Callable[[str], Any]
+) -> tuple[Any, dict[str, Any], float]:
+    """``--compare nnunet``: the comparison machinery of ``mednext compare``
+    (:mod:`mednext.pipeline.compare`) on one fold (``all``): nnU-Net's default 2d U-Net planned by the
+    engine's own planner and trained with its recipe for the same budget, in a child process. Returns
+    the trained nnU-Net (loaded for prediction), its record of costs and the training's seconds."""
+    spec = compare.parse_model_spec(f"nnunet:{CONFIGURATION}")
+    compare.prepare_model(spec, dataset_name, num_processes=1, log=log)
+    # the demo's own results folder is rebuilt on every run
+    shutil.rmtree(compare.fold_folder(spec, dataset_name, FOLD).parent, ignore_errors=True)
+    budget = compare.Budget(
+        hours=budget_s / 3600.0, iters_per_epoch=settings.iters_per_epoch, val_iters=max(1, settings.val_iters),
+        max_epochs=settings.max_epochs,
+    )  # fmt: skip
+    job = compare.FoldJob(
+        spec, dataset_name, FOLD, budget, str(workdir), str(device), 0 if device.type == "cpu" else None,
+        validate=False, show_progress=settings.show_progress, label="    ",
+    )  # fmt: skip
+    start = time.perf_counter()
+    record = compare.train_fold(job, Path(settings.out).absolute() / "compare" / "runs" / spec.slug / "fold_all.json")
+    seconds = time.perf_counter() - start
+    return compare.load_trained(spec, dataset_name, FOLD, device), record, seconds
 
 
 # ----------------------------------------------------------------------------- scoring and pictures
@@ -487,6 +442,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     t = time.perf_counter()
     trainer = train_mednext(settings, name, device, budget_s)
     train_s = time.perf_counter() - t
+    peak_mb = compare.peak_memory_mb(device)
     epochs = int(trainer.current_epoch)
     iterations = int(getattr(trainer, "iterations_done", epochs * settings.iters_per_epoch))
     curve = _trainer_logs(trainer)
@@ -526,24 +482,36 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     if settings.compare == "nnunet":
         _say(f"compare: nnU-Net's default {CONFIGURATION} U-Net, its own plans and recipe, same budget", start)
         t = time.perf_counter()
-        plan_nnunet(name)
-        timings["nnunet_plan_s"] = time.perf_counter() - t
+        nn_trainer, nn_record, nn_train_s = compare_with_nnunet(
+            settings, name, device, budget_s, workdir, lambda m: _say(f"    {m}", start)
+        )
+        timings["nnunet_plan_and_train_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        nn_trainer = train_nnunet(settings, name, device, budget_s)
-        nn_train_s = time.perf_counter() - t
-        t = time.perf_counter()
-        nn_seg = predict_nnunet(
+        nn_seg = compare.predict_image(
             nn_trainer, info.heldout_image, out / "segmentation_nnunet.nii.gz", settings.tta, settings.crop_body
         )
         nn_predict_s = time.perf_counter() - t
         nn_epochs = int(nn_trainer.current_epoch)
-        nn_iterations = int(getattr(nn_trainer, "iterations_done", nn_epochs * settings.iters_per_epoch))
+        nn_iterations = int(nn_record.get("iterations_this_run") or nn_epochs * settings.iters_per_epoch)
         d, n, v = score(nn_seg, info.heldout_label, dataset_json)
         results["nnunet"] = ModelResult(
             "nnU-Net 2d", d, n, v, nn_epochs, nn_iterations, nn_train_s, nn_predict_s,
             nn_train_s / max(1, nn_iterations), _trainer_logs(nn_trainer), nn_seg,
         )  # fmt: skip
         timings["nnunet_train_s"], timings["nnunet_predict_s"] = nn_train_s, nn_predict_s
+        # the paired report of mednext compare, on this one case and fold
+        ours = compare.parse_model_spec(f"mednext:{settings.model}:k{settings.kernel}:{CONFIGURATION}")
+        theirs = compare.parse_model_spec(f"nnunet:{CONFIGURATION}")
+        mednext_record = {
+            **compare.training_costs(trainer), "device": str(device), "peak_memory_mb": peak_mb,
+            "peak_memory_kind": compare.memory_kind(device), "trained_in_this_comparison": True,
+        }  # fmt: skip
+        compare.write_case_comparison(
+            out / "compare", name, info.heldout_case, {ours: seg, theirs: nn_seg},
+            {ours: {**mednext_record, "inference_s_per_case": predict_s},
+             theirs: {**nn_record, "inference_s_per_case": nn_predict_s}},
+            theirs, info.heldout_label.parent, compare.Budget(**nn_record["budget"]), log=lambda m: None,
+        )  # fmt: skip
 
     labels = json.loads(dataset_json.read_text(encoding="utf-8"))["labels"]
     pictures = save_overlays(
@@ -585,6 +553,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
             "segmentation": str(seg),
             "overlays": [str(p) for p in pictures],
             "training_curve": str(curve_png),
+            "comparison": str(out / "compare" / "compare.json") if settings.compare else None,
             "results_folder": str(trainer.output_folder),
         },
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},

@@ -1,12 +1,8 @@
 """Trainers for ``mednext demo``: a wall-clock budget and a contrast-enhancement augmentation.
 
-* :class:`TimeBudgetMixin` makes the pipeline's epoch loop (:class:`~mednext.pipeline.trainer.EpochLoop`)
-  fit a time budget. The first epoch runs with a provisional epoch count; after every epoch the
-  duration of the last epoch sets how many epochs are left (``floor(remaining / epoch_time)``), and the poly
-  learning-rate schedule is re-targeted to that total, so the schedule ends (learning rate near 0)
-  when the budget ends. When no full epoch fits any more, a shorter last epoch takes as many
-  iterations as fit (at least ``min_last_epoch_iterations``); when an epoch overruns the budget,
-  training stops after it.
+* :class:`TimeBudgetMixin` turns on the wall-clock budget of the pipeline's epoch loop
+  (:class:`~mednext.pipeline.trainer.EpochLoop`: the epochs left and the poly schedule follow the
+  measured epoch time, so the schedule ends when the budget ends) and prints a line per epoch.
 * :func:`simulate_contrast_enhancement` raises the intensity of soft tissue, per training label,
   by random amounts in Hounsfield units, so a network trained on a non-contrast CT sees organs as
   bright as on a contrast-enhanced (portal-venous) CT. The demo trainer applies it to each training
@@ -16,8 +12,8 @@
   (the reference recipe) with both, in-plane rotation limited to +-15 degrees and no mirroring (the
   demo's scans share one orientation), and optionally neighbouring slices as input channels
   (``context_slices``, :mod:`mednext.pipeline.context`), written out per preset and kernel
-  (``MedNeXtTrainer_Sk3_demo`` ...); :class:`nnUNetTrainer_demoBudget` is the engine's own
-  ``nnUNetTrainer`` (its recipe unchanged) with the time budget only, for ``--compare nnunet``.
+  (``MedNeXtTrainer_Sk3_demo`` ...). ``--compare nnunet`` trains the engine's own trainer through
+  ``mednext compare``'s machinery (:mod:`mednext.pipeline.compare`).
 """
 
 from __future__ import annotations
@@ -30,7 +26,6 @@ import numpy as np
 import torch
 from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from mednext.pipeline.datasets import TransformedDatasetClass
 from mednext.pipeline.trainer import EpochLoop, EpochTiming, MedNeXtTrainer, trainer_class_name
@@ -87,53 +82,22 @@ def simulate_contrast_enhancement(
 
 
 class TimeBudgetMixin(EpochLoop):
-    """The epoch loop fitted to ``budget_s`` seconds of training (see the module docstring).
+    """The pipeline's epoch loop with its wall-clock budget on (``budget_s``, see
+    :class:`~mednext.pipeline.trainer.EpochLoop`), the engine's log kept out of the terminal and one
+    line per epoch instead.
 
     Mixed in before the trainer: ``class T(TimeBudgetMixin, nnUNetTrainer)``. Set ``budget_s``,
     ``max_epochs`` and ``show_progress`` on the trainer before training."""
 
-    budget_s: float = 600.0
+    budget_s: float | None = 600.0
     provisional_epochs: int = 1000
-    max_epochs: int | None = None  # optional cap on top of the budget
-    min_last_epoch_iterations = 3  # a shorter last epoch uses the budget's rest if this many iterations fit
 
     def print_to_log_file(self, *args: object, also_print_to_console: bool = True, add_timestamp: bool = True) -> None:
         # the engine's log file keeps everything; the terminal gets the demo's own progress lines
         super().print_to_log_file(*args, also_print_to_console=False, add_timestamp=add_timestamp)
 
-    def before_epochs(self) -> None:
-        self.num_epochs = max(self.num_epochs, self.current_epoch + 1)
-        self.budget_log: list[dict[str, float]] = []
-        self.iterations_done = 0
-
-    def progress_note(self, iteration: int, train_seconds: float, loop_seconds: float) -> str:
-        return f"budget left {max(0.0, self.budget_s - loop_seconds):.0f} s"
-
     def after_epoch(self, timing: EpochTiming) -> None:
-        remaining = self.budget_s - timing.elapsed
-        more = int(remaining // timing.seconds) if remaining > 0 else 0
-        short = 0  # iterations of a shorter last epoch that fits what is left of the budget
-        if more == 0 and remaining > 0:
-            per_iteration = timing.train_seconds / timing.iterations
-            short = int((remaining - (timing.seconds - timing.train_seconds)) // per_iteration)
-            more = 1 if short >= self.min_last_epoch_iterations else 0
-        self.num_epochs = self.current_epoch + more
-        if self.max_epochs is not None:
-            self.num_epochs = min(self.num_epochs, self.max_epochs)
-            more = self.num_epochs - self.current_epoch
-        if more == 1 and short:
-            self.num_iterations_per_epoch = min(short, self.num_iterations_per_epoch)
-        if more > 0:
-            self.lr_scheduler.max_steps = self.num_epochs  # poly schedule ends with the budget
-        self.budget_log.append(
-            {
-                "epoch": self.current_epoch,
-                "epoch_time_s": timing.seconds,
-                "elapsed_s": timing.elapsed,
-                "iterations": timing.iterations,
-                "planned_epochs": self.num_epochs,
-            }
-        )
+        super().after_epoch(timing)
         if self.show_progress:
             print(
                 f"  epoch {self.current_epoch}: {timing.seconds:.1f} s "
@@ -270,10 +234,6 @@ def padded_dataset_class(base: Any, trainer: Any) -> TransformedDatasetClass:
     props = trainer.plans_manager.foreground_intensity_properties_per_channel["0"]
     air = (float(props["percentile_00_5"]) - float(props["mean"])) / float(props["std"])
     return TransformedDatasetClass(base, FieldOfViewPadding(air, int(trainer.fov_padding)))
-
-
-class nnUNetTrainer_demoBudget(TimeBudgetMixin, nnUNetTrainer):  # noqa: N801 (nnU-Net's trainer naming)
-    """The engine's default trainer and recipe, time-budgeted (``--compare nnunet``)."""
 
 
 class MedNeXtTrainer_Sk3_demo(MedNeXtDemoTrainer):  # noqa: N801

@@ -25,6 +25,7 @@ from mednext.nn import safe_torch_load, transfer_weights, upkern
 from mednext.pipeline import predictor
 from mednext.pipeline.datasets import dataset_id_of, register_dataset, resolve_dataset, validate_raw_dataset
 from mednext.pipeline.ddp import init_distributed
+from mednext.pipeline.nnunet_trainer import nnUNetTrainer_budget
 from mednext.pipeline.planning import PLANNERS, RECIPES, SUPPORTED_CONFIGS
 from mednext.pipeline.preprocessed import check_preprocessed, check_splits, preprocess
 from mednext.pipeline.trainer import MedNeXtTrainer, get_trainer_class
@@ -131,7 +132,9 @@ class TrainSettings:
         upkern_from: initialise a kernel-5 network from this kernel-3 checkpoint (UpKern).
         show_progress: a progress bar per epoch.
         context_slices: 2D only: neighbouring slices per side as input channels.
-        trainer_class: the trainer to use (None: :func:`get_trainer_class` of preset and kernel).
+        trainer_class: the trainer to use (None: :func:`get_trainer_class` of preset and kernel); the
+            engine's recipe runs as :class:`~mednext.pipeline.nnunet_trainer.nnUNetTrainer_budget`.
+        plans: the plans identifier to train with (e.g. ``nnUNetPlans``); None: that of ``recipe``.
         prepare_trainer: called with the new trainer before it is initialised, to set attributes the
             settings above do not cover.
         save_probabilities: the final validation also writes each case's probabilities
@@ -160,11 +163,22 @@ class TrainSettings:
     upkern_from: str | None = None
     show_progress: bool = True
     context_slices: int = 0
-    trainer_class: type[MedNeXtTrainer] | None = None
-    prepare_trainer: Callable[[MedNeXtTrainer], None] | None = None
+    trainer_class: type[MedNeXtTrainer] | type[nnUNetTrainer_budget] | None = None
+    prepare_trainer: Callable[[Any], None] | None = None
     save_probabilities: bool = False
     validation_only: bool = False
     validation_checkpoint: str = "final"
+    plans: str | None = None
+
+
+def _plans_of(settings: TrainSettings, dataset_name: str) -> str:
+    """The plans identifier ``settings`` trains with (checked to exist)."""
+    if settings.plans is None:
+        return find_plans(dataset_name, settings.recipe)
+    path = preprocessed_folder() / dataset_name / f"{settings.plans}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: plan {dataset_name} with plans {settings.plans} first")
+    return settings.plans
 
 
 def find_plans(dataset_name: str, recipe: str | None = None) -> str:
@@ -202,12 +216,12 @@ def fold_folder(settings: TrainSettings) -> Path:
     """``<results>/<dataset>/<trainer>__<plans>__<configuration>/fold_<f>`` of ``settings``."""
     name = resolve_dataset(settings.dataset)
     cls = settings.trainer_class or get_trainer_class(str(settings.preset).upper(), int(settings.kernel))
-    return results_folder_of(cls, name, find_plans(name, settings.recipe), settings.configuration) / (
+    return results_folder_of(cls, name, _plans_of(settings, name), settings.configuration) / (
         f"fold_{parse_fold(settings.fold)}"
     )
 
 
-def train(settings: TrainSettings) -> MedNeXtTrainer:
+def train(settings: TrainSettings) -> MedNeXtTrainer | nnUNetTrainer_budget:
     """Train one fold (the working folders must be set, see ``use_workdir``) and return the trainer;
     with ``settings.validation_only``, validate the trained fold instead.
 
@@ -224,7 +238,7 @@ def train(settings: TrainSettings) -> MedNeXtTrainer:
         raise ValueError("--pretrained and --upkern-from both initialise the weights; pass one of them")
     if settings.resume and (settings.pretrained or settings.upkern_from):
         raise ValueError("--resume continues from the run's own checkpoint; drop --pretrained/--upkern-from")
-    plans_id = find_plans(name, settings.recipe)
+    plans_id = _plans_of(settings, name)
     base = preprocessed_folder() / name
     plans = json.loads((base / f"{plans_id}.json").read_text(encoding="utf-8"))
     configuration = settings.configuration

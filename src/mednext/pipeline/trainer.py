@@ -19,9 +19,10 @@ What differs from the engine's trainer, and nothing else:
 * checkpoints: written every epoch whole or not at all, with plain Python values only so that
   ``torch.load(..., weights_only=True)`` reads them; a JSON log per epoch; a progress bar.
 
-The epoch loop is :class:`EpochLoop`, shared with the demo's time-budgeted trainers: the engine's
-hooks in the engine's order, plus a progress bar, the CPU memory policy and one hook after each
-epoch (:meth:`EpochLoop.after_epoch`) that may change how many epochs are left.
+The epoch loop is :class:`EpochLoop`, shared with the demo's trainers and with the engine's own
+trainer as ``mednext compare`` runs it (:mod:`mednext.pipeline.nnunet_trainer`): the engine's hooks
+in the engine's order, plus a progress bar, the CPU memory policy, an optional wall-clock budget and
+one hook after each epoch (:meth:`EpochLoop.after_epoch`) that may change how many epochs are left.
 
 Engine names that are private but still overridden here (no public hook exists):
 ``_get_deep_supervision_scales``, because the engine derives the scales from its U-Net's stride list
@@ -35,6 +36,7 @@ import json
 import math
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -155,13 +157,27 @@ class EpochTiming:
 
 class EpochLoop:
     """The engine's ``run_training`` loop (its hooks in its order) with a progress bar, the CPU memory
-    policy around the steps, an epoch without validation iterations, and :meth:`after_epoch`.
+    policy around the steps, an epoch without validation iterations, an optional wall-clock budget,
+    and :meth:`after_epoch`.
 
-    Mixed into a subclass of ``nnUNetTrainer`` before it: ``class T(EpochLoop, nnUNetTrainer)``."""
+    Mixed into a subclass of ``nnUNetTrainer`` before it: ``class T(EpochLoop, nnUNetTrainer)``.
+
+    With ``budget_s`` set, the run fits that many seconds of training: the first epoch runs with a
+    provisional epoch count; after every epoch the duration of the last epoch sets how many epochs are
+    left (``floor(remaining / epoch_time)``), and the poly learning-rate schedule is re-targeted to that
+    total, so the schedule ends (learning rate near 0) when the budget ends. When no full epoch fits any
+    more, a shorter last epoch takes as many iterations as fit (at least ``min_last_epoch_iterations``);
+    when an epoch overruns the budget, training stops after it. A resumed run counts the epochs of its
+    checkpoint against the budget. ``max_epochs`` caps the count on top of the budget."""
 
     show_progress: bool = True
     time_per_iteration: float | None = None  # seconds per training iteration in the last epoch
     iterations_done: int = 0
+    budget_s: float | None = None  # wall-clock seconds of training; None: run num_epochs epochs
+    max_epochs: int | None = None  # optional cap on top of the budget
+    min_last_epoch_iterations = 3  # a shorter last epoch uses the budget's rest if this many iterations fit
+    # called after every epoch with the trainer and the epoch's timing (progress lines of a caller)
+    epoch_listener: Callable[[Any, EpochTiming], None] | None = None
 
     def run_training(self) -> None:
         self.before_epochs()
@@ -174,14 +190,58 @@ class EpochLoop:
 
     def before_epochs(self) -> None:
         """Called before ``on_train_start``; a subclass may adjust the run here."""
+        self.budget_log: list[dict[str, float]] = []
+        self.iterations_done = 0
+        self.budget_spent_before = self._logged_training_seconds() if self.current_epoch > 0 else 0.0
+        if self.budget_s is not None:
+            self.num_epochs = max(self.num_epochs, self.current_epoch + 1)
+
+    def _logged_training_seconds(self) -> float:
+        """Seconds of the epochs a resumed run's checkpoint logged (end minus start of each)."""
+        log = self.logger.get_checkpoint()
+        starts, ends = log.get("epoch_start_timestamps", []), log.get("epoch_end_timestamps", [])
+        return float(sum(e - s for s, e in zip(starts, ends, strict=False)))
 
     def after_epoch(self, timing: EpochTiming) -> None:
-        """Called after ``on_epoch_end`` (``current_epoch`` already counts the finished epoch); a
-        subclass may change ``num_epochs`` (the loop stops once ``current_epoch`` reaches it) and
-        ``num_iterations_per_epoch`` here."""
+        """Called after ``on_epoch_end`` (``current_epoch`` already counts the finished epoch); with a
+        budget it sets ``num_epochs`` (the loop stops once ``current_epoch`` reaches it) and
+        ``num_iterations_per_epoch``; a subclass may change them too."""
+        if self.budget_s is not None:
+            self._fit_budget(timing)
+        if self.epoch_listener is not None:
+            self.epoch_listener(self, timing)
+
+    def _fit_budget(self, timing: EpochTiming) -> None:
+        elapsed = self.budget_spent_before + timing.elapsed
+        remaining = self.budget_s - elapsed
+        more = int(remaining // timing.seconds) if remaining > 0 else 0
+        short = 0  # iterations of a shorter last epoch that fits what is left of the budget
+        if more == 0 and remaining > 0:
+            per_iteration = timing.train_seconds / timing.iterations
+            short = int((remaining - (timing.seconds - timing.train_seconds)) // per_iteration)
+            more = 1 if short >= self.min_last_epoch_iterations else 0
+        self.num_epochs = self.current_epoch + more
+        if self.max_epochs is not None:
+            self.num_epochs = min(self.num_epochs, self.max_epochs)
+            more = self.num_epochs - self.current_epoch
+        if more == 1 and short:
+            self.num_iterations_per_epoch = min(short, self.num_iterations_per_epoch)
+        if more > 0:
+            self.lr_scheduler.max_steps = self.num_epochs  # poly schedule ends with the budget
+        self.budget_log.append(
+            {
+                "epoch": self.current_epoch,
+                "epoch_time_s": timing.seconds,
+                "elapsed_s": elapsed,
+                "iterations": timing.iterations,
+                "planned_epochs": self.num_epochs,
+            }
+        )
 
     def progress_note(self, iteration: int, train_seconds: float, loop_seconds: float) -> str:
         """The time note of the progress bar after ``iteration`` (0-based) of the current epoch."""
+        if self.budget_s is not None:
+            return f"budget left {max(0.0, self.budget_s - self.budget_spent_before - loop_seconds):.0f} s"
         per_iteration = train_seconds / (iteration + 1)
         left = per_iteration * (
             (self.num_iterations_per_epoch - iteration - 1)
