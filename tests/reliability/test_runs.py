@@ -73,7 +73,8 @@ def _predict_args(tmp_path: Path, dataset_id: int) -> tuple[Path, list[str]]:
 def test_killed_prediction_leaves_only_whole_files_and_the_next_run_cleans_up(tmp_path: Path) -> None:
     _, args = _predict_args(tmp_path, 970)
     out = tmp_path / "out"
-    _killed(tmp_path, "mednext.pipeline.predictor.MedNeXtPredictor.predict_case", 2, "predict", *args, "-o", str(out))
+    # killed once the second case is exported into the workspace, before it is moved to its name
+    _killed(tmp_path, "mednext.pipeline.predictor.MedNeXtPredictor.export_case", 2, "predict", *args, "-o", str(out))
     first = sorted(p.name for p in out.glob("*.nii.gz"))
     assert first == ["case0.nii.gz"]  # the case finished before the kill; the second never reached its name
     assert any(name.startswith(".mednext-predict-") for name in _hidden(out))  # the kill left its workspace
@@ -117,8 +118,9 @@ def test_full_disk_is_one_line_naming_the_file_and_nothing_is_half_written(tmp_p
     assert main(["predict", *args, "-o", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
-    assert str(out / "dataset.json") in err and "No space left on device" in err and "free space" in err
-    assert not (out / "dataset.json").exists() and _hidden(out) == []
+    # the first file written whole is the run's record, before any segmentation is moved into place
+    assert str(out / "mednext_predict.json") in err and "No space left on device" in err and "free space" in err
+    assert not (out / "mednext_predict.json").exists() and not list(out.glob("case*")) and _hidden(out) == []
 
 
 def test_paths_that_are_files_are_one_line_errors(tmp_path: Path, capsys) -> None:
