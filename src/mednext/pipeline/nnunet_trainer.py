@@ -11,23 +11,19 @@ mednext is what a fair comparison needs to be the same for both models:
 * :meth:`configure_run`, so :func:`mednext.pipeline.runner.train` trains it like a MedNeXt trainer
   (``--c``-style resumption included);
 * checkpoints written every epoch, atomically, with plain values only, and read back with
-  ``weights_only=True`` (the engine's own ``load_checkpoint`` unpickles whatever the file holds).
+  ``weights_only=True`` (:class:`~mednext.pipeline.trainer.PlainCheckpoints`; the engine's own
+  ``load_checkpoint`` unpickles whatever the file holds).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from torch._dynamo import OptimizedModule
 
-from mednext.files import atomic_write
-from mednext.nn import safe_torch_load
-from mednext.pipeline.trainer import EpochLoop, plain_values
+from mednext.pipeline.trainer import EpochLoop, PlainCheckpoints
 
 
-class nnUNetTrainer_budget(EpochLoop, nnUNetTrainer):  # noqa: N801 (nnU-Net's trainer naming)
+class nnUNetTrainer_budget(EpochLoop, PlainCheckpoints, nnUNetTrainer):  # noqa: N801 (nnU-Net's trainer naming)
     """The engine's ``nnUNetTrainer`` and recipe in mednext's epoch loop (see the module docstring)."""
 
     def __init__(
@@ -76,55 +72,3 @@ class nnUNetTrainer_budget(EpochLoop, nnUNetTrainer):  # noqa: N801 (nnU-Net's t
     def print_to_log_file(self, *args: object, also_print_to_console: bool = True, add_timestamp: bool = True) -> None:
         # the engine's log file keeps everything; the terminal gets the progress bar and its caller's lines
         super().print_to_log_file(*args, also_print_to_console=False, add_timestamp=add_timestamp)
-
-    def unwrapped_network(self) -> torch.nn.Module:
-        """The network without its DDP and ``torch.compile`` wrappers."""
-        module = self.network.module if self.is_ddp else self.network
-        return module._orig_mod if isinstance(module, OptimizedModule) else module
-
-    def save_checkpoint(self, filename: str) -> None:
-        if self.local_rank != 0:
-            return
-        if self.disable_checkpointing:
-            self.print_to_log_file("No checkpoint written, checkpointing is disabled")
-            return
-        checkpoint = {
-            "network_weights": self.unwrapped_network().state_dict(),
-            "optimizer_state": self.optimizer.state_dict(),
-            "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
-            "logging": plain_values(self.logger.get_checkpoint()),
-            "_best_ema": plain_values(self._best_ema),
-            "current_epoch": self.current_epoch + 1,
-            "init_args": plain_values(self.my_init_kwargs),
-            "trainer_name": self.__class__.__name__,
-            "inference_allowed_mirroring_axes": plain_values(self.inference_allowed_mirroring_axes),
-            "mednext": {
-                "num_epochs": self.num_epochs,
-                "iterations_per_epoch": self.num_iterations_per_epoch,
-                "val_iterations_per_epoch": self.num_val_iterations_per_epoch,
-            },
-        }
-        atomic_write(filename, lambda tmp: torch.save(checkpoint, tmp))
-
-    def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
-        """The engine's ``load_checkpoint``, reading the file with ``weights_only=True`` (the engine's
-        unpickles it, and with a dict instead of a path its 2.8.1 fails before reading it)."""
-        if not self.was_initialized:
-            self.initialize()
-        checkpoint: Any = filename_or_checkpoint
-        if not isinstance(checkpoint, dict):
-            checkpoint = safe_torch_load(filename_or_checkpoint)
-        if checkpoint.get("trainer_name") != self.__class__.__name__:
-            raise ValueError(
-                f"checkpoint was written by {checkpoint.get('trainer_name')}, not {self.__class__.__name__}"
-            )
-        weights = {k.removeprefix("module."): v for k, v in checkpoint["network_weights"].items()}
-        self.unwrapped_network().load_state_dict(weights)
-        self.current_epoch = checkpoint["current_epoch"]
-        self.logger.load_checkpoint(checkpoint["logging"])
-        self._best_ema = checkpoint["_best_ema"]
-        if checkpoint.get("inference_allowed_mirroring_axes") is not None:
-            self.inference_allowed_mirroring_axes = tuple(checkpoint["inference_allowed_mirroring_axes"])
-        self.optimizer.load_state_dict(checkpoint["optimizer_state"])
-        if self.grad_scaler is not None and checkpoint.get("grad_scaler_state") is not None:
-            self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])

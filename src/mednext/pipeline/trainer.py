@@ -302,7 +302,72 @@ class EpochLoop:
 # ----------------------------------------------------------------------------- the trainer
 
 
-class MedNeXtTrainer(EpochLoop, nnUNetTrainer):
+class PlainCheckpoints:
+    """Checkpoints of plain values only, written atomically every time and read back with
+    ``weights_only=True``: the engine's ``load_checkpoint`` unpickles whatever the file holds (and
+    in 2.8.1 fails on a dict before reading it). Mixed into a subclass of ``nnUNetTrainer`` before it;
+    :meth:`run_record` is the checkpoint's ``"mednext"`` entry."""
+
+    resume_hint = ""  # added to the error for a checkpoint that another trainer wrote
+
+    def unwrapped_network(self) -> torch.nn.Module:
+        """The network without its DDP and ``torch.compile`` wrappers."""
+        module = self.network.module if self.is_ddp else self.network
+        return getattr(module, "_orig_mod", module)
+
+    def run_record(self) -> dict[str, Any]:
+        """The run's settings as the checkpoint records them."""
+        return {
+            "num_epochs": self.num_epochs,
+            "iterations_per_epoch": self.num_iterations_per_epoch,
+            "val_iterations_per_epoch": self.num_val_iterations_per_epoch,
+        }
+
+    def save_checkpoint(self, filename: str) -> None:
+        if self.local_rank != 0:
+            return
+        if self.disable_checkpointing:
+            self.print_to_log_file("No checkpoint written, checkpointing is disabled")
+            return
+        checkpoint = {
+            "network_weights": self.unwrapped_network().state_dict(),
+            "optimizer_state": self.optimizer.state_dict(),
+            "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+            "logging": plain_values(self.logger.get_checkpoint()),
+            "_best_ema": plain_values(self._best_ema),
+            "current_epoch": self.current_epoch + 1,
+            "init_args": plain_values(self.my_init_kwargs),
+            "trainer_name": self.__class__.__name__,
+            "inference_allowed_mirroring_axes": plain_values(self.inference_allowed_mirroring_axes),
+            "mednext": self.run_record(),
+        }
+        atomic_write(filename, lambda tmp: torch.save(checkpoint, tmp))
+
+    def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
+        if not self.was_initialized:
+            self.initialize()
+        if isinstance(filename_or_checkpoint, dict):
+            checkpoint = filename_or_checkpoint
+        else:
+            checkpoint = safe_torch_load(filename_or_checkpoint)
+        if checkpoint.get("trainer_name") != self.__class__.__name__:
+            raise ValueError(
+                f"checkpoint was written by {checkpoint.get('trainer_name')}, not {self.__class__.__name__}"
+                f"{self.resume_hint}"
+            )
+        weights = {k.removeprefix("module."): v for k, v in checkpoint["network_weights"].items()}
+        self.unwrapped_network().load_state_dict(weights)
+        self.current_epoch = checkpoint["current_epoch"]
+        self.logger.load_checkpoint(checkpoint["logging"])
+        self._best_ema = checkpoint["_best_ema"]
+        if checkpoint.get("inference_allowed_mirroring_axes") is not None:
+            self.inference_allowed_mirroring_axes = tuple(checkpoint["inference_allowed_mirroring_axes"])
+        self.optimizer.load_state_dict(checkpoint["optimizer_state"])
+        if self.grad_scaler is not None and checkpoint.get("grad_scaler_state") is not None:
+            self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
+
+
+class MedNeXtTrainer(EpochLoop, PlainCheckpoints, nnUNetTrainer):
     """nnU-Net v2 trainer for MedNeXt with the reference's recipe. Use a concrete subclass
     (``MedNeXtTrainer_Sk3`` ...) or :func:`get_trainer_class`.
 
@@ -311,6 +376,7 @@ class MedNeXtTrainer(EpochLoop, nnUNetTrainer):
 
     preset = "S"
     kernel_size = 3
+    resume_hint = "; resume with the same --model and --kernel"
     context_slices = 0  # 2D only: neighbouring slices per side as extra input channels (mednext.pipeline.context)
 
     def __init__(
@@ -454,11 +520,6 @@ class MedNeXtTrainer(EpochLoop, nnUNetTrainer):
         net = MedNeXt(in_channels=num_input_channels, num_classes=num_output_channels, **kwargs)
         net.set_deep_supervision(enable_deep_supervision)
         return net
-
-    def unwrapped_network(self) -> torch.nn.Module:
-        """The MedNeXt module without its DDP and ``torch.compile`` wrappers."""
-        module = self.network.module if self.is_ddp else self.network
-        return getattr(module, "_orig_mod", module)
 
     def set_deep_supervision_enabled(self, enabled: bool) -> None:
         self.unwrapped_network().set_deep_supervision(enabled)
@@ -638,56 +699,14 @@ class MedNeXtTrainer(EpochLoop, nnUNetTrainer):
             return "float32"
         return "bfloat16 autocast" if self.bf16 else "float16 autocast + grad scaling"
 
-    def save_checkpoint(self, filename: str) -> None:
-        if self.local_rank != 0:
-            return
-        if self.disable_checkpointing:
-            self.print_to_log_file("No checkpoint written, checkpointing is disabled")
-            return
-        checkpoint = {
-            "network_weights": self.unwrapped_network().state_dict(),
-            "optimizer_state": self.optimizer.state_dict(),
-            "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
-            "logging": plain_values(self.logger.get_checkpoint()),
-            "_best_ema": plain_values(self._best_ema),
-            "current_epoch": self.current_epoch + 1,
-            "init_args": plain_values(self.my_init_kwargs),
-            "trainer_name": self.__class__.__name__,
-            "inference_allowed_mirroring_axes": plain_values(self.inference_allowed_mirroring_axes),
-            "mednext": {
-                "preset": self.preset,
-                "kernel_size": self.kernel_size,
-                "num_epochs": self.num_epochs,
-                "iterations_per_epoch": self.num_iterations_per_epoch,
-                "val_iterations_per_epoch": self.num_val_iterations_per_epoch,
-                "bf16": self.bf16,
-                "architecture": self.configuration_manager.configuration["architecture"],
-            },
+    def run_record(self) -> dict[str, Any]:
+        return {
+            "preset": self.preset,
+            "kernel_size": self.kernel_size,
+            **super().run_record(),
+            "bf16": self.bf16,
+            "architecture": self.configuration_manager.configuration["architecture"],
         }
-        atomic_write(filename, lambda tmp: torch.save(checkpoint, tmp))
-
-    def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
-        if not self.was_initialized:
-            self.initialize()
-        if isinstance(filename_or_checkpoint, dict):
-            checkpoint = filename_or_checkpoint
-        else:
-            checkpoint = safe_torch_load(filename_or_checkpoint)
-        if checkpoint.get("trainer_name") != self.__class__.__name__:
-            raise ValueError(
-                f"checkpoint was written by {checkpoint.get('trainer_name')}, not {self.__class__.__name__}; "
-                f"resume with the same --model and --kernel"
-            )
-        weights = {k.removeprefix("module."): v for k, v in checkpoint["network_weights"].items()}
-        self.unwrapped_network().load_state_dict(weights)
-        self.current_epoch = checkpoint["current_epoch"]
-        self.logger.load_checkpoint(checkpoint["logging"])
-        self._best_ema = checkpoint["_best_ema"]
-        if checkpoint.get("inference_allowed_mirroring_axes") is not None:
-            self.inference_allowed_mirroring_axes = tuple(checkpoint["inference_allowed_mirroring_axes"])
-        self.optimizer.load_state_dict(checkpoint["optimizer_state"])
-        if self.grad_scaler is not None and checkpoint.get("grad_scaler_state") is not None:
-            self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
 
     def on_train_end(self) -> None:
         if self.is_ddp:
