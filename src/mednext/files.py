@@ -1,4 +1,4 @@
-"""Writing files whole or not at all, and choosing the device: one helper for each job.
+"""Writing files whole or not at all, choosing the device, running a chatty step quietly: one helper for each job.
 
 Every file mednext writes (checkpoints, exports, predictions' JSON, evaluations, plots) goes
 through :func:`atomic_write`: the content goes to a temporary file in the target's folder, is
@@ -9,6 +9,7 @@ half-written file under the final name.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import re
@@ -207,6 +208,18 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
 def atomic_write_json(path: str | os.PathLike[str], content: Any, **dump_kwargs: Any) -> Path:
     """Write ``content`` as indented JSON whole or not at all (``dump_kwargs`` go to ``json.dumps``)."""
     return atomic_write_text(path, json.dumps(content, **{"indent": 2, **dump_kwargs}) + "\n")
+
+
+def run_quietly(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` with its standard output captured: a chatty engine step says nothing
+    when it works, and the last 4,000 characters of what it printed are shown when it fails."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            return fn(*args, **kwargs)
+    except BaseException:
+        print(buffer.getvalue()[-4000:])
+        raise
 
 
 def _mps_available() -> bool:

@@ -17,8 +17,6 @@ Outputs in ``out``: ``metrics.json``, ``segmentation.nii.gz``, ``overlay_axial.p
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import shutil
@@ -32,7 +30,7 @@ import numpy as np
 
 from mednext.demo.data import prepare_demo_dataset
 from mednext.demo.trainer import MedNeXtDemoTrainer, demo_trainer_class
-from mednext.files import atomic_write, atomic_write_text, resolve_device
+from mednext.files import atomic_write, atomic_write_text, resolve_device, run_quietly
 from mednext.pipeline import compare
 from mednext.pipeline.evaluate import LabelSet, evaluate_case
 from mednext.pipeline.planning import RECIPES
@@ -123,17 +121,6 @@ def set_ct_window(plans_path: Path, window: tuple[float, float]) -> dict:
         channel["percentile_00_5"], channel["percentile_99_5"] = low, high
     atomic_write_text(plans_path, json.dumps(plans, indent=1))
     return plans
-
-
-def _quiet_call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Run an engine step with its verbose stdout captured (printed only if it fails)."""
-    buffer = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(buffer):
-            return fn(*args, **kwargs)
-    except BaseException:
-        print(buffer.getvalue()[-4000:])
-        raise
 
 
 # ----------------------------------------------------------------------------- training
@@ -393,7 +380,7 @@ def prepare_data(
 
     _say(f"2/5 planning and preprocessing {info.dataset_name} ({CONFIGURATION}, recipe auto)", start)
     t = time.perf_counter()
-    plans = _quiet_call(plan, PlanSettings(info.dataset_dir, recipe="auto", configs=[CONFIGURATION], num_processes=1))
+    plans = run_quietly(plan, PlanSettings(info.dataset_dir, recipe="auto", configs=[CONFIGURATION], num_processes=1))
     name = plans["mednext_dataset_name"]
     if settings.ct_window is not None:
         plans_path = preprocessed_folder() / name / f"{RECIPES['auto']}.json"
@@ -404,7 +391,7 @@ def prepare_data(
             f"[{settings.ct_window[0]:.0f}, {settings.ct_window[1]:.0f}] HU; preprocessing again",
             start,
         )
-        _quiet_call(preprocess, name, RECIPES["auto"], [CONFIGURATION], 1, show_progress_bar=False)
+        run_quietly(preprocess, name, RECIPES["auto"], [CONFIGURATION], 1, show_progress_bar=False)
     cfg = plans["configurations"][CONFIGURATION]
     timings["plan_s"] = time.perf_counter() - t
     _say(f"    patch {cfg['patch_size']}, batch {cfg['batch_size']}, spacing {cfg['spacing']} mm", start)

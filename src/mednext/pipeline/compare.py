@@ -42,7 +42,14 @@ from typing import Any
 import numpy as np
 
 from mednext.errors import UserError
-from mednext.files import atomic_write, atomic_write_json, atomic_write_text, folder_lock, remove_stale_temporaries
+from mednext.files import (
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    folder_lock,
+    remove_stale_temporaries,
+    run_quietly,
+)
 from mednext.pipeline.compare_report import INFERENCE_CASES, METRICS, OVERALL, count, markdown, overall, save_plots
 from mednext.pipeline.stats import ALPHA, CONFIDENCE, RESAMPLES, SEED, TIE_MARGIN, paired_comparison
 from mednext.pipeline.trainer import PRESETS, trainer_class_name
@@ -292,28 +299,15 @@ def prepare_model(
     dataset_id = dataset_id_of(dataset_name)
     with folder_lock(base, "mednext compare (planning)"):
         if not (base / "dataset_fingerprint.json").is_file():
-            _quiet(DatasetFingerprintExtractor(dataset_id, num_processes, verbose=False).run)
+            run_quietly(DatasetFingerprintExtractor(dataset_id, num_processes, verbose=False).run)
         planner = _engine_planner(spec)(dataset_id)
-        plans = _quiet(planner.plan_experiment)
+        plans = run_quietly(planner.plan_experiment)
         if spec.configuration not in plans["configurations"]:
             raise UserError(
                 f"{spec.text}: the engine planned no {spec.configuration} for {dataset_name} (it planned "
                 f"{', '.join(plans['configurations'])}); choose another configuration, e.g. {spec.kind}:2d"
             )
-        _quiet(preprocess, dataset_name, spec.plans, [spec.configuration], num_processes, verbose=False)
-
-
-def _quiet(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Run an engine step with its stdout captured (shown only if it fails)."""
-    import io
-
-    buffer = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(buffer):
-            return fn(*args, **kwargs)
-    except BaseException:
-        print(buffer.getvalue()[-4000:])
-        raise
+        run_quietly(preprocess, dataset_name, spec.plans, [spec.configuration], num_processes, verbose=False)
 
 
 def ensure_splits(dataset_name: str, configuration: str, plans_id: str) -> list[dict[str, list[str]]]:
@@ -536,11 +530,11 @@ def load_trained(spec: ModelSpec, dataset_name: str, fold: int | str, device: An
     plans = json.loads((folder.parent / "plans.json").read_text(encoding="utf-8"))
     plans["continue_training"] = False  # the engine's trainer reads (and pops) this key
     dataset_json = json.loads((folder.parent / "dataset.json").read_text(encoding="utf-8"))
-    trainer = _quiet(
+    trainer = run_quietly(
         _trainer_class(spec), plans=plans, configuration=spec.configuration, fold=fold, dataset_json=dataset_json,
         device=device,
     )  # fmt: skip
-    _quiet(trainer.load_checkpoint, str(checkpoint))
+    run_quietly(trainer.load_checkpoint, str(checkpoint))
     return trainer
 
 
@@ -557,7 +551,7 @@ def predict_image(trainer: Any, image: Path, output: Path, tta: bool, crop_body:
     trainer.set_deep_supervision_enabled(False)
     network = trainer.network
     network.eval()
-    predictor = _quiet(
+    predictor = run_quietly(
         nnUNetPredictor, tile_step_size=0.5, use_gaussian=True, use_mirroring=tta,
         perform_everything_on_device=trainer.device.type == "cuda", device=trainer.device, verbose=False,
         allow_tqdm=False,
@@ -630,7 +624,7 @@ def inference_seconds(trainer: Any, max_cases: int = INFERENCE_CASES) -> list[fl
     trainer.set_deep_supervision_enabled(False)
     trainer.network.eval()
     cuda = trainer.device.type == "cuda"
-    predictor = _quiet(
+    predictor = run_quietly(
         nnUNetPredictor, tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
         perform_everything_on_device=cuda, device=trainer.device, verbose=False, allow_tqdm=False,
     )  # fmt: skip
@@ -638,7 +632,7 @@ def inference_seconds(trainer: Any, max_cases: int = INFERENCE_CASES) -> list[fl
         trainer.network, trainer.plans_manager, trainer.configuration_manager, None, trainer.dataset_json,
         type(trainer).__name__, trainer.inference_allowed_mirroring_axes,
     )  # fmt: skip
-    _, val_keys = _quiet(trainer.do_split)
+    _, val_keys = run_quietly(trainer.do_split)
     dataset = trainer.dataset_class(trainer.preprocessed_dataset_folder, list(val_keys)[:max_cases])
     seconds = []
     for key in dataset.identifiers:
