@@ -133,28 +133,10 @@ def _worker(variant: str, spec: dict[str, Any]) -> None:
         import contextlib
         import io
 
-        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+        from mednext.bench.predict import engine_predictor
 
-        from mednext.bench.predict import TRAINER
-        from mednext.nn import MedNeXt, safe_torch_load
-
-        plans = json.loads((setup.results_folder / "plans.json").read_text(encoding="utf-8"))
-        dataset_json = json.loads((setup.results_folder / "dataset.json").read_text(encoding="utf-8"))
-        arch = plans["configurations"][CONFIGURATION]["architecture"]["arch_kwargs"]
-        network = MedNeXt(in_channels=1, num_classes=setup.num_classes, **arch)
-        weights = safe_torch_load(setup.results_folder / "fold_0" / "checkpoint_final.pth")["network_weights"]
-        network.load_state_dict(weights)
+        predictor = engine_predictor(setup, spec["tta"], "ours", spec["device"])
         with contextlib.redirect_stdout(io.StringIO()):
-            predictor = nnUNetPredictor(
-                tile_step_size=0.5, use_gaussian=True, use_mirroring=spec["tta"],
-                perform_everything_on_device=device.type == "cuda", device=device, verbose=False, allow_tqdm=False,
-            )  # fmt: skip
-            manager = PlansManager(plans)
-            predictor.manual_initialization(
-                network.eval(), manager, manager.get_configuration(CONFIGURATION), [weights], dataset_json, TRAINER,
-                (0, 1, 2),
-            )  # fmt: skip
             predictor.predict_from_files(
                 spec["cases"], str(out), save_probabilities=False, overwrite=True,
                 num_processes_preprocessing=3, num_processes_segmentation_export=3,

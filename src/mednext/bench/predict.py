@@ -262,20 +262,33 @@ def predict_ours(
     )  # fmt: skip
 
 
-def _stock_predictor(setup: PredictSetup, network: torch.nn.Module, weights: dict, tta: bool) -> Any:
+def engine_predictor(setup: PredictSetup, tta: bool, network: str = "monai", device: str = "cpu") -> Any:
+    """The engine's stock ``nnUNetPredictor`` holding MONAI's MedNeXt (``network='monai'``) or ours
+    (``'ours'``), weights read from disk with ``weights_only=True``; on CUDA with the engine's
+    default of keeping everything on the GPU."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     plans = json.loads((setup.results_folder / "plans.json").read_text(encoding="utf-8"))
     dataset_json = json.loads((setup.results_folder / "dataset.json").read_text(encoding="utf-8"))
+    if network == "monai":
+        net = require_monai().MedNeXt(**setup.monai_kwargs)
+        weights = safe_torch_load(setup.monai_weights)
+    else:
+        arch = plans["configurations"][CONFIGURATION]["architecture"]["arch_kwargs"]
+        net = MedNeXt(in_channels=1, num_classes=setup.num_classes, **arch)
+        weights = safe_torch_load(setup.results_folder / "fold_0" / "checkpoint_final.pth")["network_weights"]
+    net.load_state_dict(weights)
+    torch_device = torch.device(device)
     with contextlib.redirect_stdout(io.StringIO()):
         predictor = nnUNetPredictor(
-            tile_step_size=0.5, use_gaussian=True, use_mirroring=tta, perform_everything_on_device=False,
-            device=torch.device("cpu"), verbose=False, allow_tqdm=False,
+            tile_step_size=0.5, use_gaussian=True, use_mirroring=tta,
+            perform_everything_on_device=torch_device.type == "cuda", device=torch_device, verbose=False,
+            allow_tqdm=False,
         )  # fmt: skip
     manager = PlansManager(plans)
     predictor.manual_initialization(
-        network, manager, manager.get_configuration(CONFIGURATION), [weights], dataset_json, TRAINER, (0, 1, 2)
+        net.eval(), manager, manager.get_configuration(CONFIGURATION), [weights], dataset_json, TRAINER, (0, 1, 2)
     )
     return predictor
 
@@ -284,17 +297,8 @@ def predict_engine(
     setup: PredictSetup, out_dir: Path, tta: bool, network: str = "monai", save_probabilities: bool = False
 ) -> None:
     """The engine's stock ``nnUNetPredictor.predict_from_files_sequential`` with MONAI's MedNeXt
-    (``network='monai'``) or ours (``'ours'``), weights read from disk with ``weights_only=True``."""
-    if network == "monai":
-        net = require_monai().MedNeXt(**setup.monai_kwargs)
-        weights = safe_torch_load(setup.monai_weights)
-    else:
-        plans = json.loads((setup.results_folder / "plans.json").read_text(encoding="utf-8"))
-        arch = plans["configurations"][CONFIGURATION]["architecture"]["arch_kwargs"]
-        net = MedNeXt(in_channels=1, num_classes=setup.num_classes, **arch)
-        weights = safe_torch_load(setup.results_folder / "fold_0" / "checkpoint_final.pth")["network_weights"]
-    net.load_state_dict(weights)
-    predictor = _stock_predictor(setup, net.eval(), weights, tta)
+    (``network='monai'``) or ours (``'ours'``), on the CPU."""
+    predictor = engine_predictor(setup, tta, network)
     out_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.redirect_stdout(io.StringIO()):  # it prints its device settings per case
         predictor.predict_from_files_sequential(
@@ -411,14 +415,9 @@ def agreement(reference_dir: Path, other_dir: Path) -> Agreement:
 def float32_agreement(setup: PredictSetup, tta: bool, tile_batch: int = 2) -> Agreement:
     """Our network against MONAI's through the same sliding window with float32 sums (the engine
     sums in float16): what differs between the two networks alone, on the preprocessed case."""
-    plans = json.loads((setup.results_folder / "plans.json").read_text(encoding="utf-8"))
     dataset_json = json.loads((setup.results_folder / "dataset.json").read_text(encoding="utf-8"))
-    arch = plans["configurations"][CONFIGURATION]["architecture"]["arch_kwargs"]
-    ours = MedNeXt(in_channels=1, num_classes=setup.num_classes, **arch).eval()
-    ours.load_state_dict(safe_torch_load(setup.results_folder / "fold_0" / "checkpoint_final.pth")["network_weights"])
-    monai = require_monai().MedNeXt(**setup.monai_kwargs).eval()
-    monai.load_state_dict(safe_torch_load(setup.monai_weights))
-    predictor = _stock_predictor(setup, monai, monai.state_dict(), tta)
+    engines = [engine_predictor(setup, tta, "monai"), engine_predictor(setup, tta, "ours")]
+    predictor = engines[0]
     preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
     with contextlib.redirect_stdout(io.StringIO()):
         data, _, _ = preprocessor.run_case(
@@ -426,8 +425,7 @@ def float32_agreement(setup: PredictSetup, tta: bool, tile_batch: int = 2) -> Ag
         )
     data = torch.from_numpy(data)
     probs = []
-    for net, batch in ((monai, 1), (ours, tile_batch)):
-        stock = predictor if net is monai else _stock_predictor(setup, net, net.state_dict(), tta)
+    for stock, batch in zip(engines, (1, tile_batch)):
         window = MedNeXtPredictor.from_predictor(stock, batch, torch.float32)
         probs.append(torch.softmax(window.predict_sliding_window_return_logits(data), 0))
     diff = (probs[0] - probs[1]).abs().amax(0)
