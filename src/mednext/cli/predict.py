@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 
 def _fold(text: str) -> int | str:
@@ -29,24 +30,19 @@ def _checkpoint(text: str) -> str:
     return text.removeprefix("checkpoint_").removesuffix(".pth")
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from err
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
+def _whole_number(minimum: int, wording: str) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``minimum`` (``wording`` says so in the error)."""
 
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from err
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be {wording}")
+        return value
 
-def _part(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from err
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
-    return value
+    return parse
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -107,11 +103,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "(a folder with another model's segmentations is refused)",
     )  # fmt: skip
     p.add_argument(
-        "--num-parts", "-num_parts", type=_count, default=1, metavar="N",
+        "--num-parts", "-num_parts", type=_whole_number(1, "at least 1"), default=1, metavar="N",
         help="split the cases into N parts (every N-th case, sorted by name) to run on N machines or GPUs",
     )  # fmt: skip
     p.add_argument(
-        "--part-id", "-part_id", type=_part, default=0, metavar="K",
+        "--part-id", "-part_id", type=_whole_number(0, "0 or more"), default=0, metavar="K",
         help="the part this command segments, 0 to N-1 (with --num-parts)",
     )  # fmt: skip
     p.add_argument(
@@ -148,10 +144,6 @@ def run(args: argparse.Namespace) -> int:
             if given is not None and given != implied:
                 raise UserError(f"-tr {args.trainer} means {flag} {implied}, but {flag} {given} was given; drop one")
         args.model, args.kernel = parsed
-    if args.part_id >= args.num_parts:
-        raise UserError(
-            f"--part-id {args.part_id} must be between 0 and {args.num_parts - 1} for --num-parts {args.num_parts}"
-        )
     settings = PredictSettings(
         input_path=args.input,
         output=args.output,
