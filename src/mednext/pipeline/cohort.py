@@ -155,9 +155,8 @@ class Progress:
             self.log(line)
 
     def case_started(self, case_id: str) -> None:
-        """The network starts on ``case_id``."""
+        """The network starts on ``case_id`` (the name its window lines and bar carry)."""
         self._case = case_id
-        self._window_logged = time.perf_counter()
 
     def windows(self, done: int, total: int, fold: int = 0, folds: int = 1) -> None:
         """``done`` of ``total`` network forwards of the current case's sliding window (fold ``fold``
@@ -175,10 +174,13 @@ class Progress:
             self._window_bar.refresh()
             return
         now = time.perf_counter()
-        if now - self._window_logged >= WINDOW_LOG_INTERVAL_S and done < total:
+        if done == 1 and fold == 0:  # a case's first forward: its first line comes an interval later
+            self._window_logged = now
+        elif now - self._window_logged >= WINDOW_LOG_INTERVAL_S and done < total:
             self._window_logged = now
             of_fold = f" of fold {fold + 1}/{folds}" if folds > 1 else ""
-            self.log(f"  {self._case}: window batch {done}/{total}{of_fold}")
+            case = f"{self._case}: " if self._case else ""
+            self.log(f"  {case}window batch {done}/{total}{of_fold}")
 
     def case_finished(self, case_id: str, target: Path, seconds: float) -> None:
         """``case_id`` is written to ``target``; ``seconds`` from the network's start on it."""

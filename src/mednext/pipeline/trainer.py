@@ -608,24 +608,15 @@ class MedNeXtTrainer(EpochLoop, PlainCheckpoints, nnUNetTrainer):
         ``nnUNetPredictor`` in its trainer's module; that name points at ours for the call only."""
         from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as engine_module
 
-        from mednext.pipeline.cohort import WINDOW_LOG_INTERVAL_S
+        from mednext.pipeline.cohort import Progress
         from mednext.pipeline.predictor import MedNeXtPredictor
 
-        log = self.print_to_log_file
-        last = [time.perf_counter()]
-
-        def windows(done: int, total: int, fold: int, folds: int) -> None:
-            now = time.perf_counter()
-            if done == 1:
-                last[0] = now
-            elif now - last[0] >= WINDOW_LOG_INTERVAL_S and done < total:
-                last[0] = now
-                log(f"  window batch {done}/{total}")
+        progress = Progress(0, self.print_to_log_file)  # the engine logs each case; this, its windows
 
         class ValidationPredictor(MedNeXtPredictor):
             def __init__(self, *args: Any, **kwargs: Any) -> None:
                 super().__init__(*args, **kwargs)
-                self.window_progress = windows
+                self.window_progress = progress.windows
 
         engine_predictor = engine_module.nnUNetPredictor
         engine_module.nnUNetPredictor = ValidationPredictor
